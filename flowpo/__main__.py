@@ -1,0 +1,5 @@
+import sys
+
+from flowpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,460 @@
+"""Typed configuration: dataclasses per section, YAML recipes, `--section.field=value` overrides.
+
+A recipe is a YAML file with one mapping per section (`model:`, `sampling:`, ...). Values are
+checked against the dataclass field types when loaded; unknown keys and wrong types raise a
+`ConfigError` naming the key and the fix. Cross-field rules live in `Config.validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd3"
+    """Adapter family: sd3 | flux | auto (read from model_index.json)."""
+    path: str = "tiny:sd3"
+    """Local diffusers model directory. `tiny:sd3` / `tiny:flux` builds a tiny random model
+    inside the run directory (CPU demos and tests)."""
+    dtype: str = "float32"
+    """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32."""
+    resolution: int = 0
+    """Image side in pixels; 0 = the model's default sample size."""
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    """Denoising steps T of a training rollout."""
+    eval_num_steps: int = 0
+    """Steps of ODE evaluation sampling; 0 = same as num_steps."""
+    guidance_scale: float = 1.0
+    """CFG scale (SD3, batched [neg; pos]) or distilled guidance (FLUX)."""
+    noise_level: float = 0.7
+    """SDE noise level a (ALGORITHMS.md §1)."""
+    sde_type: str = "flow"
+    """flow | cps | dance."""
+    logprob_reduce: str = "mean"
+    """mean (published per-element mean) | sum (true log-density)."""
+    cps_legacy_scale: bool = False
+    """CPS only: published log p = -mean((x'-mu)^2) scale (pairs with clip 1e-5)."""
+
+
+@dataclass
+class RolloutConfig:
+    plan: str = "full"
+    """Rollout plan name (registry in trainer/rollout.py)."""
+    group_size: int = 4
+    """G: images per prompt."""
+    batch_size: int = 8
+    """Images per rank per sampling batch."""
+    num_batches: int = 2
+    """Sampling batches per rank per epoch."""
+    timestep_fraction: float = 1.0
+    """Share of the SDE steps that are trained (first floor(T*fraction))."""
+    prompt_file: str = ""
+    """Text file with one prompt per line; empty = `prompts` below."""
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle",
+            "a blue square",
+            "a green triangle",
+            "two yellow circles",
+        ]
+    )
+    """Inline prompt list (used when prompt_file is empty)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 0
+    """Samples per training forward; 0 = rollout.batch_size (keeps the rollout's batch
+    composition, so the first ratio is exactly 1)."""
+    steps_per_epoch: int = 1
+    """Optimizer steps per epoch; each accumulates over its share of samples x trained steps."""
+    clip_range: float = 1e-4
+    """epsilon of the clipped objective (tiny: log-probs are per-element means)."""
+    clip_range_low: float = -1.0
+    """Asymmetric lower epsilon; <0 = clip_range."""
+    clip_range_high: float = -1.0
+    """Asymmetric upper epsilon; <0 = clip_range."""
+    beta: float = 0.0
+    """KL weight; 0 skips the reference forward entirely."""
+    kl_estimator: str = "flow_grpo"
+    """flow_grpo (published) | exact."""
+    adv_clip_max: float = 5.0
+    global_std: bool = True
+    """Normalise advantages by the std of all rewards of the epoch (published default)."""
+    drop_zero_std: bool = False
+    """Drop groups whose rewards are all equal from the update."""
+    lora: bool = True
+    """LoRA through peft (default) or full fine-tuning."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"jpeg_incompressibility": 1.0})
+    """Reward name -> weight; the training reward is the weighted sum of raw scores."""
+    num_workers: int = 2
+    """Threads scoring images while the next batch samples."""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 | 2 | 3 (templates in ds_configs/)."""
+    ds_config: str = ""
+    """Custom DeepSpeed JSON template; empty = ds_configs/zero{stage}.json."""
+    precision: str = "fp32"
+    """fp32 | bf16 (DeepSpeed mixed precision)."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs"
+    """Parent folder of run directories."""
+    run_name: str = ""
+    """Run directory name; empty = <recipe>-<timestamp>."""
+    wandb: str = "auto"
+    """auto (online if WANDB_API_KEY is set, else offline) | offline | online | off."""
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N epochs (0 = only at start and end)."""
+    num_prompts: int = 4
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    prompts: list[str] = field(default_factory=list)
+    """Eval prompts; empty = the first num_prompts training prompts."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N epochs (0 = only at the end)."""
+    keep_last_n: int = 2
+    resume: str = ""
+    """Checkpoint directory or `latest` (the newest in the run directory)."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "sampling": SamplingConfig,
+    "rollout": RolloutConfig,
+    "train": TrainConfig,
+    "reward": RewardConfig,
+    "engine": EngineConfig,
+    "logging": LoggingConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+_CHOICES = {
+    ("model", "family"): ("sd3", "flux", "auto"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("sampling", "sde_type"): ("flow", "cps", "dance"),
+    ("sampling", "logprob_reduce"): ("mean", "sum"),
+    ("train", "kl_estimator"): ("flow_grpo", "exact"),
+    ("engine", "zero_stage"): (0, 2, 3),
+    ("engine", "precision"): ("fp32", "bf16"),
+    ("logging", "wandb"): ("auto", "offline", "online", "off"),
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recipe: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # -- derived sizes ------------------------------------------------------------------------
+    @property
+    def clip_low(self) -> float:
+        c = self.train.clip_range_low
+        return self.train.clip_range if c < 0 else c
+
+    @property
+    def clip_high(self) -> float:
+        c = self.train.clip_range_high
+        return self.train.clip_range if c < 0 else c
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.rollout.batch_size
+
+    def samples_per_rank(self) -> int:
+        return self.rollout.batch_size * self.rollout.num_batches
+
+    def derived_sizes(self, world_size: int, num_trained_steps: int) -> dict[str, int]:
+        """Sizes implied by the config for a given world size and trained-steps count K."""
+        per_rank = self.samples_per_rank()
+        per_step = per_rank // self.train.steps_per_epoch
+        mb = self.micro_batch_size
+        return {
+            "world_size": world_size,
+            "images_per_epoch": per_rank * world_size,
+            "prompts_per_epoch": per_rank * world_size // self.rollout.group_size,
+            "group_size": self.rollout.group_size,
+            "samples_per_rank_per_optimizer_step": per_step,
+            "micro_batch_size": mb,
+            "trained_steps_per_sample": num_trained_steps,
+            "gradient_accumulation_steps": (per_step // mb) * num_trained_steps,
+            "optimizer_steps_per_epoch": self.train.steps_per_epoch,
+        }
+
+    def validate(self, world_size: int = 1) -> None:
+        """Cross-field rules; each error names the field and the fix."""
+        for (section, name), choices in _CHOICES.items():
+            value = getattr(getattr(self, section), name)
+            if value not in choices:
+                raise ConfigError(
+                    f"{section}.{name}={value!r} is not allowed; choose one of: "
+                    + ", ".join(str(c) for c in choices)
+                )
+        r, t, s = self.rollout, self.train, self.sampling
+        positive = [
+            ("rollout.group_size", r.group_size),
+            ("rollout.batch_size", r.batch_size),
+            ("rollout.num_batches", r.num_batches),
+            ("sampling.num_steps", s.num_steps),
+            ("train.epochs", t.epochs),
+            ("train.steps_per_epoch", t.steps_per_epoch),
+        ]
+        for key, value in positive:
+            if value < 1:
+                raise ConfigError(f"{key} ({value}) must be >= 1")
+        if s.num_steps < 2:
+            raise ConfigError("sampling.num_steps must be >= 2 (the last step is always ODE)")
+        if not 0.0 < r.timestep_fraction <= 1.0:
+            raise ConfigError(f"rollout.timestep_fraction ({r.timestep_fraction}) must be in (0, 1]")
+        if s.noise_level <= 0:
+            raise ConfigError("sampling.noise_level must be > 0 (0 is the ODE: no log-probability)")
+        images = world_size * self.samples_per_rank()
+        if images % r.group_size:
+            raise ConfigError(
+                f"rollout.group_size ({r.group_size}) must divide the images per epoch "
+                f"(world {world_size} x rollout.batch_size {r.batch_size} x rollout.num_batches "
+                f"{r.num_batches} = {images}); change group_size or the batch layout"
+            )
+        per_rank = self.samples_per_rank()
+        if per_rank % t.steps_per_epoch:
+            raise ConfigError(
+                f"train.steps_per_epoch ({t.steps_per_epoch}) must divide the samples per rank "
+                f"per epoch ({per_rank} = rollout.batch_size x rollout.num_batches)"
+            )
+        mb = self.micro_batch_size
+        if (per_rank // t.steps_per_epoch) % mb:
+            raise ConfigError(
+                f"train.micro_batch_size ({mb}) must divide the samples per rank per optimizer "
+                f"step ({per_rank // t.steps_per_epoch}); use a divisor or 0 (= rollout.batch_size)"
+            )
+        if not r.prompt_file and not r.prompts:
+            raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
+        if r.prompt_file and not Path(r.prompt_file).is_file():
+            raise ConfigError(f"rollout.prompt_file '{r.prompt_file}' does not exist")
+        if not self.reward.weights:
+            raise ConfigError("reward.weights is empty; name at least one reward")
+        if t.beta < 0:
+            raise ConfigError(f"train.beta ({t.beta}) must be >= 0")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = _parse_mapping(key, value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _parse_mapping(key: str, text: str) -> dict:
+    """`a:1,b:0.5` or JSON/YAML mapping text -> dict."""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return parsed
+    out = {}
+    for part in text.split(","):
+        if ":" not in part:
+            raise ConfigError(f"{key}: expected 'name:weight,...', got {text!r}")
+        k, v = part.split(":", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"unknown config {kind} '{name}'{hint}")
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` on cfg from a YAML value or a command-line string."""
+    if "." not in dotted:
+        if dotted == "recipe":
+            cfg.recipe = str(value)
+            return
+        raise _unknown("key", dotted, [f"{s}.<field>" for s in SECTIONS])
+    section, name = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise _unknown("section", section, list(SECTIONS))
+    types_ = _field_types(SECTIONS[section])
+    if name not in types_:
+        raise _unknown("key", dotted, [f"{section}.{k}" for k in types_])
+    setattr(getattr(cfg, section), name, _coerce(dotted, value, types_[name]))
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML recipe <- `section.field=value` overrides."""
+    cfg = Config()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{recipe}' does not exist (recipes live in configs/)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe '{recipe}' must be a mapping of sections")
+        cfg.recipe = path.stem
+        for section, values in data.items():
+            if section == "recipe":
+                cfg.recipe = str(values)
+                continue
+            if section not in SECTIONS:
+                raise _unknown("section", section, list(SECTIONS))
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {recipe} must be a mapping")
+            for name, value in values.items():
+                set_value(cfg, f"{section}.{name}", value)
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Apply `--section.field=value` strings in order."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --section.field=value")
+        key, value = text.split("=", 1)
+        set_value(cfg, key, value)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (resolved config files)."""
+    cfg = Config()
+    for section, values in data.items():
+        if section == "recipe":
+            cfg.recipe = values
+            continue
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=1)

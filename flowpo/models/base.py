@@ -1,0 +1,312 @@
+"""The model adapter contract, prompt embeddings, and the model registry.
+
+An adapter hides one model family (SD3, FLUX, ...) behind the few calls the trainer needs:
+encode prompts, draw initial noise, the sigma schedule, the velocity v = ε − x0 (with CFG or
+distilled guidance inside), decode latents to images, and the trainable transformer. The
+trainer never asks which family it runs. This module imports with torch only; diffusers and
+transformers are imported by the family modules when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.util
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelLoadError(ValueError):
+    """A model directory or family the user named cannot be loaded; the message says the fix."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch of B prompts (rows align with the latents' batch)."""
+
+    prompt_embeds: Tensor  # (B, L, C) token embeddings of the prompt
+    pooled: Tensor | None = None  # (B, P) pooled embedding, where the family has one
+    neg_prompt_embeds: Tensor | None = None  # (B, L, C) negative prompt (""), only under CFG
+    neg_pooled: Tensor | None = None  # (B, P)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # family extras, each (B, ...)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def has_negative(self) -> bool:
+        return self.neg_prompt_embeds is not None
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> PromptEmbeds:
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return PromptEmbeds(
+            prompt_embeds=fn(self.prompt_embeds),
+            pooled=opt(self.pooled),
+            neg_prompt_embeds=opt(self.neg_prompt_embeds),
+            neg_pooled=opt(self.neg_pooled),
+            extra={k: fn(v) for k, v in self.extra.items()},
+        )
+
+    def index(self, idx: Tensor | Sequence[int]) -> PromptEmbeds:
+        """Rows `idx` (a (K,) index tensor or list of ints) -> PromptEmbeds of length K."""
+        dev = self.prompt_embeds.device
+        idx = torch.as_tensor(idx, dtype=torch.long).to(dev)
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def repeat_interleave(self, n: int) -> PromptEmbeds:
+        """Each row repeated n times in place: (B, ...) -> (B·n, ...), as prompts × group."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    @classmethod
+    def cat(cls, items: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenate along the batch; all items must carry the same optional fields."""
+        if not items:
+            raise ValueError("PromptEmbeds.cat needs at least one item")
+        first = items[0]
+
+        def cat_opt(name: str) -> Tensor | None:
+            vals = [getattr(e, name) for e in items]
+            if all(v is None for v in vals):
+                return None
+            if any(v is None for v in vals):
+                raise ValueError(f"PromptEmbeds.cat: '{name}' is set on some items but not all")
+            return torch.cat(vals, dim=0)
+
+        return cls(
+            prompt_embeds=torch.cat([e.prompt_embeds for e in items], dim=0),
+            pooled=cat_opt("pooled"),
+            neg_prompt_embeds=cat_opt("neg_prompt_embeds"),
+            neg_pooled=cat_opt("neg_pooled"),
+            extra={k: torch.cat([e.extra[k] for e in items], dim=0) for k in first.extra},
+        )
+
+
+class ModelAdapter(abc.ABC):
+    """One model family behind the calls the trainer makes. Subclasses load `model_dir`.
+
+    Latents are float32 outside the adapter; the transformer runs in `self.dtype`.
+    """
+
+    name: str = ""  # registry name, set by @register_model
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this adapter loads
+    lora_targets: list[str] = []  # module-name suffixes for peft `target_modules`
+    # Bound on cached prompts: a real SD3 prompt embedding is ~2.7 MB in bf16, so an unbounded
+    # cache over a large prompt set would grow without limit; least recently used go first.
+    max_cached_prompts: int = 1024
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resolution: int | None = None,
+        guidance_scale: float = 1.0,
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.resolution = resolution  # subclasses replace None by the model's default
+        self.guidance_scale = float(guidance_scale)
+        self._transformer: nn.Module | None = None
+        self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()  # prompt -> (1, ...) row
+        self._negative: PromptEmbeds | None = None  # "" encoded once, (1, ...)
+
+    # ---- prompts -----------------------------------------------------------------------
+    @property
+    def cfg_active(self) -> bool:
+        """Whether velocity() combines unconditional and conditional predictions (CFG)."""
+        return False
+
+    @abc.abstractmethod
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode prompts with the text encoders (positive fields only), B = len(prompts)."""
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Embeddings for `prompts` (B rows), with the "" negative under CFG. Cached per prompt."""
+        with torch.no_grad():
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+            if missing:
+                enc = self._encode(missing)
+                for i, p in enumerate(missing):
+                    # clone: a view would keep the whole batch's storage alive in the cache
+                    self._cache[p] = enc.index([i])._map(lambda t: t.clone())
+            rows = []
+            for p in prompts:
+                self._cache.move_to_end(p)
+                rows.append(self._cache[p])
+            out = PromptEmbeds.cat(rows)
+            while len(self._cache) > self.max_cached_prompts:
+                self._cache.popitem(last=False)
+            if self.cfg_active:
+                if self._negative is None:
+                    self._negative = self._encode([""])
+                n = len(prompts)
+                out.neg_prompt_embeds = self._negative.prompt_embeds.expand(n, -1, -1).clone()
+                if self._negative.pooled is not None:
+                    out.neg_pooled = self._negative.pooled.expand(n, -1).clone()
+        return out
+
+    def clear_prompt_cache(self) -> None:
+        self._cache.clear()
+        self._negative = None
+
+    # ---- sampling ----------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latents (without the batch), in the adapter's own format."""
+
+    @abc.abstractmethod
+    def initial_noise(self, n: int, generator: torch.Generator) -> Tensor:
+        """Standard normal latents (n, *latent_shape), float32, on self.device."""
+
+    @abc.abstractmethod
+    def sigmas(self, num_steps: int, latents: Tensor) -> Tensor:
+        """The model's own schedule for `num_steps` steps: (T+1,) float32, 1 → exactly 0."""
+
+    @abc.abstractmethod
+    def velocity(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """v = ε − x0 at noise level `sigma` (B,) for latents (B, ...): float32, same shape.
+
+        Differentiable with respect to the trainable module; deterministic. `guidance_scale`
+        overrides the adapter's for this call.
+        """
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, H, W) float32 in [0, 1] from latents (B, ...); no gradient."""
+
+    # ---- modules -----------------------------------------------------------------------
+    @property
+    def trainable_module(self) -> nn.Module:
+        """The transformer (or whatever wraps it now: peft, DeepSpeed) velocity() calls."""
+        assert self._transformer is not None, "adapter has no transformer loaded"
+        return self._transformer
+
+    def set_trainable_module(self, module: nn.Module) -> None:
+        """Make velocity() call `module` (e.g. a LoRA or DeepSpeed wrapper of the transformer).
+
+        The module is called with the diffusers transformer's forward kwargs.
+        """
+        self._transformer = module
+
+    @abc.abstractmethod
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Text encoders and VAE: never trained, always in eval mode."""
+
+    def freeze_frozen_parts(self) -> None:
+        """Text encoders and VAE to eval mode and requires_grad False (the transformer's
+        base weights are the engine's business: it decides LoRA or full fine-tuning)."""
+        for m in self.frozen_modules().values():
+            m.eval()
+            m.requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> ModelAdapter:
+        """Move every module and the prompt cache to `device`."""
+        self.device = torch.device(device)
+        for m in self.frozen_modules().values():
+            m.to(self.device)
+        if self._transformer is not None:
+            self._transformer.to(self.device)
+        for p, e in self._cache.items():
+            self._cache[p] = e.to(self.device)
+        if self._negative is not None:
+            self._negative = self._negative.to(self.device)
+        return self
+
+    # ---- helpers for subclasses --------------------------------------------------------
+    def _sigma_batch(self, sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
+        """sigma as a (B,) float32 tensor (a scalar or (1,) is broadcast)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(batch)
+        if s.shape != (batch,):
+            raise ValueError(f"sigma has shape {tuple(s.shape)}; expected ({batch},) or a scalar")
+        return s
+
+
+MODEL_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+# Families shipped with flowpo: imported on first lookup so that registering costs nothing
+# until a model is loaded (and modules that are not written yet are skipped).
+_BUILTIN_MODULES = (
+    "flowpo.models.sd3",
+    "flowpo.models.flux",
+    "flowpo.models.qwen_image",
+    "flowpo.models.bagel",
+)
+
+
+def register_model(name: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator: register an adapter under `name` (the recipe's `model.family`)."""
+
+    def deco(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+        if name in MODEL_REGISTRY and MODEL_REGISTRY[name] is not cls:
+            raise ValueError(f"model family '{name}' is registered twice")
+        cls.name = name
+        MODEL_REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _import_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
+
+
+def detect_family(model_dir: str) -> str:
+    """The registered family whose pipeline class model_index.json names (`_class_name`)."""
+    _import_builtins()
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"model.path '{model_dir}' has no model_index.json; set model.family explicitly "
+            f"(one of: {', '.join(MODEL_REGISTRY)}) or point it at a diffusers model directory"
+        )
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    for name, cls in MODEL_REGISTRY.items():
+        if class_name in cls.pipeline_classes:
+            return name
+    raise ModelLoadError(
+        f"model.path '{model_dir}' holds a '{class_name}', which no adapter loads; "
+        f"set model.family to one of: {', '.join(MODEL_REGISTRY)}"
+    )
+
+
+def load_adapter(family: str, model_dir: str, **kw: Any) -> ModelAdapter:
+    """Load `model_dir` with the adapter registered as `family` ("auto": from model_index.json).
+
+    `kw` goes to the adapter constructor (device, dtype, resolution, guidance_scale, ...).
+    """
+    _import_builtins()
+    if family != "auto" and family not in MODEL_REGISTRY:
+        raise ModelLoadError(
+            f"model.family '{family}' is unknown; choose one of: {', '.join(MODEL_REGISTRY)}"
+        )
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(
+            f"model.path '{model_dir}' does not exist; run 'flowpo make-tiny sd3 {model_dir}' for "
+            "a tiny test model or point it at a local diffusers model directory"
+        )
+    if family == "auto":
+        family = detect_family(model_dir)
+    return MODEL_REGISTRY[family](model_dir, **kw)

@@ -1,0 +1,341 @@
+"""Tiny random models of every family, written in the exact diffusers pipeline layout.
+
+`make_tiny("sd3", dir)` builds the real diffusers/transformers classes with tiny configs,
+trains small tokenizers in code (no download), and saves the pipeline with
+`save_pretrained`, so the directory loads with `StableDiffusion3Pipeline.from_pretrained(dir,
+local_files_only=True)` and through `load_adapter` exactly as a real model would. Tests and
+CPU demos use these; the CLI exposes it as `flowpo make-tiny sd3 <dir>`.
+
+Sizes (sd3, resolution 32): image 32×32, VAE factor 2 → latents (4, 16, 16), patch 2 → 64
+image tokens; text: 16 CLIP + 16 T5 tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Words the tiny tokenizers know as whole tokens: COCO classes (GenEval objects), colours,
+# shapes, counts, spatial relations and common caption words. Anything else still tokenizes
+# (CLIP falls back to bytes, T5 to characters), only into more pieces.
+_WORDS = """
+a an the of and or with without in on at to from by for is are this that these those there
+photo picture image painting drawing render illustration sketch close up view scene background
+one two three four five six seven eight nine ten eleven twelve zero many few several some no
+0 1 2 3 4 5 6 7 8 9 single pair couple group lot number count
+red orange yellow green blue purple pink brown black white gray grey gold silver beige cyan
+magenta dark light bright pale colorful colourful striped dotted plain shiny
+circle square triangle rectangle star heart hexagon oval diamond cube sphere cone cylinder
+pyramid ring line dot shape shapes
+left right above below under over next beside behind front top bottom middle center near far
+inside outside between side
+person people man woman boy girl child baby bicycle car motorcycle airplane bus train truck
+boat traffic light fire hydrant stop sign parking meter bench bird cat dog horse sheep cow
+elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard
+sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine glass cup
+fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair
+couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone
+microwave oven toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush
+big small large tiny huge little tall short long round flat old new young happy sad cute
+beautiful simple detailed realistic cartoon style art high quality sharp blurry empty full
+sky sun moon cloud water sea river lake mountain tree flower grass forest city street road
+house building room window door wall floor field beach snow rain night day morning evening
+sitting standing running walking flying holding wearing eating playing looking lying
+text word letter says reads written sign poster board paper hello world
+""".split()
+
+# Tiny dimensions, filled with resolution-dependent fields by `make_tiny`. Per family:
+# component name -> constructor kwargs. Channels are chosen to be consistent with what the
+# pipelines derive: SD3 joint_attention_dim = T5 d_model ≥ 2 CLIP hiddens (they are padded
+# into it), pooled = the two CLIP projections concatenated; FLUX in_channels = 4 × VAE
+# latent channels (2×2 packing), pooled = CLIP hidden, rope axes sum to the head dim.
+_SEQ_LEN = 16  # tokens per text encoder: short prompts, fast tests
+TINY_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd3": {
+        "clip": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=_SEQ_LEN,
+            hidden_act="quick_gelu",
+        ),
+        "t5": dict(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+        ),
+        "vae": dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            # SD3's own VAE constants, so decode does the same arithmetic as a real model
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        "transformer": dict(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=64,
+            pooled_projection_dim=64,
+            pos_embed_max_size=32,  # crops up to 32×32 patches: resolution ≤ 128 at factor 2
+            qk_norm="rms_norm",
+        ),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    },
+    "flux": {
+        "clip": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=_SEQ_LEN,
+            hidden_act="quick_gelu",
+        ),
+        "t5": dict(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+        ),
+        "vae": dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        "transformer": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            pooled_projection_dim=32,
+            guidance_embeds=True,  # FLUX.1-dev style distilled guidance
+            axes_dims_rope=(4, 6, 6),
+        ),
+        # FLUX.1-dev scheduler config: shift from the image sequence length
+        "scheduler": dict(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    },
+}
+
+
+def _clip_tokenizer(model_max_length: int) -> Any:
+    """A byte-level BPE CLIP tokenizer trained on `_WORDS` (~900 tokens)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=eos))
+    # same normaliser and pre-tokeniser as CLIPTokenizer, so the learned merges apply as trained
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=900,
+        special_tokens=[bos, eos],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(_WORDS)] * 4, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    # every byte alone and at a word end, so no input ever maps to the unknown token
+    for ch in sorted(alphabet):
+        for piece in (ch, ch + "</w>"):
+            vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # transformers 5: vocab=/merges= objects (a vocab_file= argument would be silently ignored)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _t5_tokenizer(model_max_length: int) -> Any:
+    """A Unigram T5 tokenizer: one piece per word in `_WORDS`, characters as the fallback."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -5.0) for w in dict.fromkeys(_WORDS)]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()&/"
+    known = {p for p, _ in pieces}
+    # characters score far below words so a known word is always one token
+    pieces += [(c, -10.0) for c in chars if c not in known]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    """Build a module under `seed` without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _text_encoders(cfg: dict[str, dict[str, Any]], seed: int, n_clip: int, projection: bool):
+    """Tokenizers and text encoders: `n_clip` CLIP encoders and one T5 encoder."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    clip_tok = _clip_tokenizer(_SEQ_LEN)
+    t5_tok = _t5_tokenizer(_SEQ_LEN)
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok),
+        bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id,  # pooling picks the first eos position
+        pad_token_id=clip_tok.pad_token_id,
+        **cfg["clip"],
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    clips = [_seeded(seed + 1 + i, lambda: cls(clip_cfg)) for i in range(n_clip)]
+    t5_cfg = T5Config(
+        vocab_size=len(t5_tok),
+        pad_token_id=t5_tok.pad_token_id,
+        eos_token_id=t5_tok.eos_token_id,
+        decoder_start_token_id=t5_tok.pad_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+        **cfg["t5"],
+    )
+    t5 = _seeded(seed + 10, lambda: T5EncoderModel(t5_cfg))
+    return clip_tok, clips, t5_tok, t5
+
+
+def _vae(cfg: dict[str, Any], seed: int, resolution: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    n = len(cfg["block_out_channels"])
+    return _seeded(
+        seed + 20,
+        lambda: AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            sample_size=resolution,  # the adapters' default resolution
+            **cfg,
+        ),
+    )
+
+
+def _make_sd3(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    clip_tok, (clip1, clip2), t5_tok, t5 = _text_encoders(cfg, seed, 2, projection=True)
+    vae = _vae(cfg["vae"], seed, resolution)
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    tcfg = cfg["transformer"]
+    if resolution % (factor * tcfg["patch_size"]):
+        raise ValueError(
+            f"resolution ({resolution}) must be a multiple of {factor * tcfg['patch_size']} "
+            "(VAE factor × patch size) for the tiny sd3 model"
+        )
+    transformer = _seeded(
+        seed + 30, lambda: SD3Transformer2DModel(sample_size=resolution // factor, **tcfg)
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=vae,
+        text_encoder=clip1,
+        tokenizer=clip_tok,
+        text_encoder_2=clip2,
+        tokenizer_2=copy.deepcopy(clip_tok),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+
+
+def _make_flux(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_tok, (clip,), t5_tok, t5 = _text_encoders(cfg, seed, 1, projection=False)
+    vae = _vae(cfg["vae"], seed, resolution)
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    if resolution % (factor * 2):
+        raise ValueError(
+            f"resolution ({resolution}) must be a multiple of {factor * 2} "
+            "(VAE factor × 2×2 packing) for the tiny flux model"
+        )
+    transformer = _seeded(seed + 30, lambda: FluxTransformer2DModel(**cfg["transformer"]))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+_BUILDERS = {"sd3": _make_sd3, "flux": _make_flux}
+
+
+def make_tiny(family: str, out_dir: str, *, seed: int = 0, resolution: int = 32) -> str:
+    """Write a tiny random `family` model to `out_dir` in the diffusers layout; return the path.
+
+    The same `seed` gives the same weights. `resolution` (pixels, square) sets the VAE and
+    transformer sample sizes, i.e. the default image size of the adapters.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"make-tiny family '{family}' is unknown; choose one of: {', '.join(_BUILDERS)}")
+    pipe = _BUILDERS[family](TINY_CONFIGS[family], seed, resolution)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out))
+    return str(out)

@@ -1,0 +1,91 @@
+"""Prompt datasets and the distributed K-repeat sampler.
+
+The sampler draws, each epoch, `prompts_per_epoch` prompts, repeats each G times and deals the
+images to ranks. Everything derives from (seed, epoch), so all ranks agree on the data order
+without communicating and a resumed run continues the same sequence (the sampler position is
+the epoch counter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_prompts(prompt_file: str = "", prompts: list[str] | None = None) -> list[str]:
+    if prompt_file:
+        lines = [ln.strip() for ln in Path(prompt_file).read_text().splitlines()]
+        out = [ln for ln in lines if ln]
+        if not out:
+            raise ValueError(f"rollout.prompt_file '{prompt_file}' holds no prompts")
+        return out
+    if not prompts:
+        raise ValueError("rollout.prompts is empty; give prompts or rollout.prompt_file")
+    return list(prompts)
+
+
+@dataclass
+class PromptItem:
+    prompt: str
+    group_id: int  # global id of the (epoch, prompt draw) group
+    metadata: dict[str, Any]
+
+
+class KRepeatSampler:
+    """Per epoch: draw P = images/G prompts (without replacement while the pool allows), repeat
+    each G times, shuffle, and give rank r the r-th contiguous slice of the shuffled list.
+
+    Groups may span ranks; group ids are global so statistics can be gathered across ranks.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        *,
+        group_size: int,
+        images_per_rank: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        metadata: list[dict[str, Any]] | None = None,
+    ):
+        total = images_per_rank * world_size
+        if total % group_size:
+            raise ValueError(
+                f"rollout.group_size ({group_size}) must divide the images per epoch ({total})"
+            )
+        self.prompts = prompts
+        self.metadata = metadata or [{} for _ in prompts]
+        self.group_size = group_size
+        self.images_per_rank = images_per_rank
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.prompts_per_epoch = total // group_size
+
+    def epoch_items(self, epoch: int) -> list[PromptItem]:
+        """This rank's `images_per_rank` items for `epoch` (deterministic in seed and epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.prompts)
+        if self.prompts_per_epoch <= n:
+            idx = torch.randperm(n, generator=g)[: self.prompts_per_epoch]
+        else:
+            idx = torch.randint(0, n, (self.prompts_per_epoch,), generator=g)
+        groups = torch.arange(self.prompts_per_epoch).repeat_interleave(self.group_size)
+        order = torch.randperm(groups.numel(), generator=g)
+        groups = groups[order]
+        lo = self.rank * self.images_per_rank
+        items = []
+        for gid in groups[lo : lo + self.images_per_rank].tolist():
+            p = int(idx[gid])
+            items.append(
+                PromptItem(
+                    prompt=self.prompts[p],
+                    group_id=epoch * self.prompts_per_epoch + gid,
+                    metadata=self.metadata[p],
+                )
+            )
+        return items

@@ -1,0 +1,228 @@
+"""Everything DeepSpeed: process group, ZeRO config, LoRA/full fine-tuning, reference policy,
+backward/step, checkpoint save/load and rank helpers. The only module that imports deepspeed.
+
+Launch lines:
+    python -m flowpo train ...                       # one rank (CPU or one GPU)
+    deepspeed --num_gpus 2 -m flowpo train ...       # one node, 2 ranks
+    deepspeed --hostfile hostfile -m flowpo train ... # several nodes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowpo.config import Config, ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start (or join) the process group; returns (rank, world_size, local_rank).
+
+    A plain `python -m flowpo ...` gets a one-rank group on a free loopback port; under the
+    `deepspeed`/`torchrun` launchers the environment variables they set are used as they are.
+    """
+    import deepspeed  # heavy: imported only when a run starts
+
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def close_distributed(barrier: bool = True) -> None:
+    # gloo sometimes aborts a rank at exit when the group is left open (ENVIRONMENT.md)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict[str, Any]:
+    """Fill a ds_configs/ template's batch, clipping and precision fields from the trainer config."""
+    path = (
+        Path(cfg.engine.ds_config)
+        if cfg.engine.ds_config
+        else DS_CONFIG_DIR / (f"zero{cfg.engine.zero_stage}.json")
+    )
+    if not path.is_file():
+        raise ConfigError(f"engine.ds_config '{path}' does not exist")
+    ds = json.loads(path.read_text())
+    mb = cfg.micro_batch_size
+    ds["train_micro_batch_size_per_gpu"] = mb
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = mb * grad_accum * world_size
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds.setdefault("bf16", {})["enabled"] = cfg.engine.precision == "bf16"
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+    # we pass a torch optimizer; DeepSpeed's CPU Adam is only needed for optimizer offload
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+class Engine:
+    """Owns the DeepSpeed engine wrapping the trainable module, and every distributed call."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        module: nn.Module,
+        *,
+        lora_targets: list[str],
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+    ):
+        import deepspeed
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.lora = cfg.train.lora
+        self.ref_module: nn.Module | None = None
+        if cfg.engine.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        if self.lora:
+            from peft import LoraConfig
+
+            module.requires_grad_(False)
+            # Gaussian A, zero B: the adapted model equals the base at init (Flow-GRPO's choice)
+            module.add_adapter(
+                LoraConfig(
+                    r=cfg.train.lora_rank,
+                    lora_alpha=cfg.train.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=lora_targets,
+                )
+            )
+        else:
+            if cfg.train.beta > 0:
+                if cfg.engine.zero_stage == 3:
+                    raise ConfigError(
+                        "train.beta > 0 with full fine-tuning needs a ZeRO-3 reference engine, "
+                        "which is not implemented yet; use train.lora=true or engine.zero_stage=2"
+                    )
+                self.ref_module = copy.deepcopy(module).requires_grad_(False).eval()
+            module.requires_grad_(True)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("no trainable parameters; check train.lora and the LoRA targets")
+        self.num_trainable = sum(p.numel() for p in params)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+            eps=t.adam_eps,
+        )
+        self.ds_config = build_ds_config(cfg, world_size, grad_accum)
+        self.module, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=self.ds_config
+        )
+
+    # -- rank helpers ---------------------------------------------------------------------------
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order)."""
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts, 0)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t / self.world_size
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    def step(self) -> None:
+        self.module.step()  # steps the optimizer only at the accumulation boundary
+
+    def grad_norm(self) -> float:
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen base policy: LoRA adapters disabled, or the frozen copy (full FT)."""
+        if self.lora:
+            inner = self.module.module
+            inner.disable_adapters()
+            try:
+                yield self.module
+            finally:
+                inner.enable_adapters()
+        else:
+            if self.ref_module is None:
+                raise RuntimeError("no reference policy: it is built only when train.beta > 0")
+            yield self.ref_module
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights (peft names) or, for full fine-tuning, the module's state dict (rank 0)."""
+        inner = self.module.module
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            sd = get_peft_model_state_dict(inner)
+        else:
+            sd = inner.state_dict()
+        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+    def save(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed state (weights, optimizer, ZeRO partitions) of every rank under ckpt_dir."""
+        self.module.save_checkpoint(
+            str(ckpt_dir), tag="engine", client_state=client_state, exclude_frozen_parameters=True
+        )
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any]:
+        _, client_state = self.module.load_checkpoint(
+            str(ckpt_dir), tag="engine", load_module_strict=False
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed engine state under {ckpt_dir}/engine")
+        return client_state

@@ -1,0 +1,459 @@
+"""The epoch loop: rollout -> rewards -> advantages -> update -> eval / checkpoint.
+
+Each stage is a named method that fits on a screen. Model specifics live in the adapter, the
+rollout plan declares the trained steps, DeepSpeed lives in the Engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowpo.config import Config
+from flowpo.rewards.base import WeightedReward
+from flowpo.trainer.advantages import compute_advantages, zero_std_mask
+from flowpo.trainer.data import KRepeatSampler, load_prompts
+from flowpo.trainer.logging import RunLogger, plot_curves, print0, progress, save_grid
+from flowpo.trainer.losses import clipped_policy_loss, kl_to_reference
+from flowpo.trainer.rollout import Rollout, build_plan, sample_ode, sample_rollout
+from flowpo.trainer.sde import sde_step_with_logprob
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EpochData:
+    items: list  # (N,) PromptItem of this rank
+    embeds: object  # PromptEmbeds, N rows
+    rollout: Rollout  # N samples x K trained steps
+    rewards: torch.Tensor  # (N,) weighted reward
+    details: dict[str, torch.Tensor]  # reward name -> (N,)
+    group_ids: torch.Tensor  # (N,) global group ids
+
+
+def resolve_run_dir(cfg: Config, rank: int, broadcast) -> Path:
+    name = cfg.logging.run_name
+    if not name:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S") if rank == 0 else None
+        name = f"{cfg.recipe}-{broadcast(stamp)}"
+    return Path(cfg.logging.run_dir) / name
+
+
+def find_checkpoint(spec: str, run_dir: Path) -> Path:
+    """`latest` -> the checkpoint named by run_dir/checkpoints/latest; else a directory path."""
+    if spec == "latest":
+        pointer = run_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            raise FileNotFoundError(
+                f"checkpoint.resume=latest: no checkpoint in {run_dir}; set logging.run_name "
+                "to the run to continue, or pass a checkpoint directory"
+            )
+        return run_dir / "checkpoints" / pointer.read_text().strip()
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"checkpoint.resume '{spec}' is not a flowpo checkpoint directory")
+    return path
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from flowpo.models.base import load_adapter
+        from flowpo.trainer.engine import Engine, init_distributed
+
+        cfg = self.cfg
+        self.rank, self.world, local_rank = init_distributed()
+        cfg.validate(self.world)
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        self.show = cfg.logging.progress and self.rank == 0
+        self.run_dir = resolve_run_dir(cfg, self.rank, self._broadcast)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        model_path = self._model_path()
+        self.adapter = load_adapter(
+            cfg.model.family,
+            model_path,
+            device=self.device,
+            dtype=DTYPES[cfg.model.dtype],
+            resolution=cfg.model.resolution or None,
+            guidance_scale=cfg.sampling.guidance_scale,
+        )
+        self.adapter.freeze_frozen_parts()
+        prompts = load_prompts(cfg.rollout.prompt_file, cfg.rollout.prompts)
+        self.sampler = KRepeatSampler(
+            prompts,
+            group_size=cfg.rollout.group_size,
+            images_per_rank=cfg.samples_per_rank(),
+            world_size=self.world,
+            rank=self.rank,
+            seed=cfg.train.seed,
+        )
+        self.plan = build_plan(cfg)
+        self.num_trained = len(self.plan.step_plan(cfg.sampling.num_steps, 0).trained)
+        self.sizes = cfg.derived_sizes(self.world, self.num_trained)
+        self.engine = Engine(
+            cfg,
+            self.adapter.trainable_module,
+            lora_targets=self.adapter.lora_targets,
+            grad_accum=self.sizes["gradient_accumulation_steps"],
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.adapter.set_trainable_module(self.engine.module)
+        self.reward = WeightedReward(cfg.reward.weights)
+        self.pool = ThreadPoolExecutor(max_workers=cfg.reward.num_workers)
+        self.logger = RunLogger(
+            self.run_dir,
+            rank=self.rank,
+            wandb_mode=cfg.logging.wandb,
+            tensorboard=cfg.logging.tensorboard,
+            config=cfg,
+        )
+        self.start_epoch, self.history = 0, {}
+        if cfg.checkpoint.resume:
+            self._resume(find_checkpoint(cfg.checkpoint.resume, self.run_dir))
+        print0(f"run directory: {self.run_dir}", rank=self.rank)
+        print0(
+            "sizes: "
+            + ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+            + f", trainable_params={self.engine.num_trainable:,}",
+            rank=self.rank,
+        )
+
+    def _broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _model_path(self) -> str:
+        path = self.cfg.model.path
+        if not path.startswith("tiny:"):
+            return path
+        from flowpo.models.tiny import make_tiny
+
+        family = path.split(":", 1)[1]
+        out = self.run_dir / "base_model"
+        if self.rank == 0 and not (out / "model_index.json").is_file():
+            make_tiny(family, str(out), seed=self.cfg.train.seed)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return str(out)
+
+    # -- one epoch --------------------------------------------------------------------------------
+    def _generator(self, *keys: int) -> torch.Generator:
+        seed = self.cfg.train.seed
+        for k in keys:  # deterministic mix of (seed, epoch, rank, ...): all ranks agree
+            seed = (seed * 1_000_003 + k + 7) % (2**61 - 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def rollout(self, epoch: int) -> EpochData:
+        cfg = self.cfg
+        items = self.sampler.epoch_items(epoch)
+        embeds = self.adapter.encode_prompts([it.prompt for it in items])
+        bs = cfg.rollout.batch_size
+        gen = self._generator(epoch, self.rank)
+        probe = self.adapter.initial_noise(1, self._generator(-1))
+        sigmas = self.adapter.sigmas(cfg.sampling.num_steps, probe)
+        # Flow-SDE's substitute for sigma == 1 (used again when re-scoring in update())
+        self.sigma_max = float(sigmas[1])
+        step_plan = self.plan.step_plan(cfg.sampling.num_steps, epoch)
+        self.engine.module.eval()
+        parts, futures = [], []
+        batches = progress(
+            range(cfg.rollout.num_batches), desc=f"sample {epoch}", enabled=self.show
+        )
+        for b in batches:
+            idx = list(range(b * bs, (b + 1) * bs))
+            ro = sample_rollout(self.adapter, embeds.index(idx), step_plan, sigmas, cfg, gen)
+            images = self.adapter.decode(ro.final_latents)
+            sub = [items[i] for i in idx]
+            # score on a worker thread while the next batch samples
+            futures.append(
+                self.pool.submit(
+                    self.reward, images, [it.prompt for it in sub], [it.metadata for it in sub]
+                )
+            )
+            parts.append(ro)
+        outs = [f.result() for f in futures]
+        details = {k: torch.cat([o.details[k] for o in outs]) for k in outs[0].details}
+        return EpochData(
+            items=items,
+            embeds=embeds,
+            rollout=Rollout.cat(parts),
+            rewards=torch.cat([o.scores for o in outs]),
+            details=details,
+            group_ids=torch.tensor([it.group_id for it in items]),
+        )
+
+    def advantages(self, data: EpochData) -> tuple[torch.Tensor, dict[str, float]]:
+        """Gather rewards of all ranks (groups may span ranks), normalise, keep this rank's part."""
+        t = self.cfg.train
+        all_r = self.engine.all_gather(data.rewards.to(self.device)).cpu()
+        all_g = self.engine.all_gather(data.group_ids.to(self.device)).cpu()
+        adv, stats = compute_advantages(
+            all_r, all_g, global_std=t.global_std, adv_clip_max=t.adv_clip_max
+        )
+        if t.drop_zero_std:
+            adv = adv * (~zero_std_mask(all_r, all_g)).float()
+        n = data.rewards.numel()
+        for name, scores in data.details.items():
+            gathered = self.engine.all_gather(scores.to(self.device)).cpu()
+            stats[f"reward/{name}_mean"] = float(gathered.mean())
+        return adv[self.rank * n : (self.rank + 1) * n], stats
+
+    @contextlib.contextmanager
+    def _reference_policy(self):
+        with self.engine.reference() as ref_module:
+            policy = self.adapter.trainable_module
+            self.adapter.set_trainable_module(ref_module)
+            try:
+                yield
+            finally:
+                self.adapter.set_trainable_module(policy)
+
+    def _rescore(self, ro: Rollout, j: int, embeds) -> object:
+        s = self.cfg.sampling
+        v = self.adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
+        return sde_step_with_logprob(
+            ro.latents[:, j],
+            v,
+            ro.sigmas[:, j],
+            ro.sigmas_next[:, j],
+            ro.noise_levels[:, j],
+            sde_type=s.sde_type,
+            prev_sample=ro.next_latents[:, j],
+            reduce=s.logprob_reduce,
+            sigma_max=self.sigma_max,
+            cps_legacy_scale=s.cps_legacy_scale,
+        )
+
+    def update(self, data: EpochData, adv: torch.Tensor, epoch: int) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        ro = data.rollout
+        self.engine.module.train()
+        n, mb = adv.numel(), self.sizes["micro_batch_size"]
+        acc: dict[str, list[float]] = {}
+        steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
+        for start in steps:
+            idx = list(range(start, start + mb))
+            sub, emb, a = ro.index(idx), data.embeds.index(idx), adv[idx].to(self.device)
+            for j in range(ro.log_probs.shape[1]):
+                step = self._rescore(sub, j, emb)
+                loss, st = clipped_policy_loss(
+                    step.log_prob, sub.log_probs[:, j], a, cfg.clip_low, cfg.clip_high
+                )
+                if t.beta > 0:
+                    with torch.no_grad(), self._reference_policy():
+                        ref = self._rescore(sub, j, emb)
+                    dt = sub.sigmas_next[:, j] - sub.sigmas[:, j]
+                    kl = kl_to_reference(
+                        step.mean,
+                        ref.mean,
+                        step.std,
+                        dt,
+                        estimator=t.kl_estimator,
+                        reduce=cfg.sampling.logprob_reduce,
+                    ).mean()
+                    loss = loss + t.beta * kl
+                    st["kl"] = kl.detach()
+                self.engine.backward(loss)
+                self.engine.step()
+                st["loss"] = loss.detach()
+                for k, v in st.items():
+                    acc.setdefault(k, []).append(float(v))
+                if start == 0 and j == 0:
+                    acc["first_ratio_max_dev"] = [float(st["ratio_max_dev"])]
+        out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
+        out["train/grad_norm"] = self.engine.grad_norm()
+        return out
+
+    # -- evaluation, checkpoints -------------------------------------------------------------------
+    def evaluate(self, tag: str) -> tuple[float, float]:
+        """ODE samples for fixed (prompt, seed) pairs; grid PNG and reward mean/std."""
+        e = self.cfg.eval
+        prompts = e.prompts or load_prompts(self.cfg.rollout.prompt_file, self.cfg.rollout.prompts)
+        prompts = prompts[: e.num_prompts]
+        pairs = [(p, s) for p in prompts for s in e.seeds]
+        steps = self.cfg.sampling.eval_num_steps or self.cfg.sampling.num_steps
+        self.engine.module.eval()
+        images = []
+        bs = self.cfg.rollout.batch_size
+        for i in range(0, len(pairs), bs):
+            chunk = pairs[i : i + bs]
+            emb = self.adapter.encode_prompts([p for p, _ in chunk])
+            images.append(sample_ode(self.adapter, emb, steps, [s for _, s in chunk]))
+        images = torch.cat(images)
+        out = self.reward(images, [p for p, _ in pairs], [{} for _ in pairs])
+        if self.rank == 0:
+            path = save_grid(
+                images, self.run_dir / f"samples_{tag}.png", nrow=len(e.seeds), captions=prompts
+            )
+            self.logger.log_image(f"samples/{tag}", path, step=self.history.get("epoch", 0))
+        return float(out.scores.mean()), float(out.scores.std())
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        root = self.run_dir / "checkpoints"
+        final = root / f"checkpoint-{epoch}"
+        tmp = root / f".tmp-checkpoint-{epoch}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.engine.save(tmp, client_state={"epoch": epoch})
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        trainable = self.engine.trainable_state_dict()
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            state = {"epoch": epoch, "lora": self.cfg.train.lora, "history": self.history}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            self.cfg.save(tmp / "config.yaml")
+        if self.world > 1:
+            torch.distributed.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer = root / ".latest.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, root / "latest")  # updated last: a partial save is never latest
+            self._prune(root)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        keep = self.cfg.checkpoint.keep_last_n
+        ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self, ckpt: Path) -> None:
+        client = self.engine.load(ckpt)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        rng_file = ckpt / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+        self.start_epoch = int(client.get("epoch", state["epoch"])) + 1
+        self.history = state.get("history", {})
+        print0(f"resumed from {ckpt} at epoch {self.start_epoch}", rank=self.rank)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.time()
+        if "eval_start" not in self.history:
+            m, s = self.evaluate("start")
+            self.history["eval_start"] = [m, s]
+            print0(f"eval reward at start: {m:.4f} ± {s:.4f}", rank=self.rank)
+        last = None
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            te = time.time()
+            data = self.rollout(epoch)
+            adv, stats = self.advantages(data)
+            metrics = self.update(data, adv, epoch)
+            metrics.update(stats)
+            metrics["time/epoch_s"] = time.time() - te
+            self.history["epoch"] = epoch
+            self.history.setdefault("train_reward", []).append(
+                [stats["reward_mean"], stats["reward_std"]]
+            )
+            if (
+                cfg.eval.every
+                and (epoch + 1) % cfg.eval.every == 0
+                and epoch + 1 < cfg.train.epochs
+            ):
+                m, s = self.evaluate(f"epoch{epoch}")
+                metrics["eval/reward_mean"], metrics["eval/reward_std"] = m, s
+            self.logger.log(metrics, step=epoch)
+            print0(
+                f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
+                f" | loss {metrics['train/loss']:+.2e} | clipfrac "
+                f"{metrics['train/clipfrac_high'] + metrics['train/clipfrac_low']:.3f}"
+                f" | {metrics['time/epoch_s']:.1f}s",
+                rank=self.rank,
+            )
+            last = epoch
+            every = cfg.checkpoint.every
+            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+                self.save_checkpoint(epoch)
+        if last is not None:
+            self.save_checkpoint(last)
+        m, s = self.evaluate("end")
+        self.history["eval_end"] = [m, s]
+        return self._finish(time.time() - t0)
+
+    def _finish(self, seconds: float) -> dict[str, float]:
+        h = self.history
+        summary = {
+            "eval_reward_start": h["eval_start"][0],
+            "eval_reward_start_std": h["eval_start"][1],
+            "eval_reward_end": h["eval_end"][0],
+            "eval_reward_end_std": h["eval_end"][1],
+            "seconds": seconds,
+        }
+        if h.get("train_reward"):
+            summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
+            summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if (self.run_dir / "metrics.jsonl").is_file():
+                plot_curves(
+                    self.run_dir / "metrics.jsonl",
+                    self.run_dir / "reward_curve.png",
+                    [("reward_mean", "reward_std"), ("eval/reward_mean", "eval/reward_std")],
+                    title=f"reward ({', '.join(self.cfg.reward.weights)})",
+                )
+            print0("\n== summary ==", rank=0)
+            print0(
+                f"eval reward (ODE, fixed seeds): start {summary['eval_reward_start']:.4f} ± "
+                f"{summary['eval_reward_start_std']:.4f} -> end {summary['eval_reward_end']:.4f} ± "
+                f"{summary['eval_reward_end_std']:.4f}",
+                rank=0,
+            )
+            if "train_reward_first" in summary:
+                print0(
+                    f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
+                    f"{summary['train_reward_first_std']:.4f} -> last epoch "
+                    f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
+                    rank=0,
+                )
+            print0(f"wall time {seconds:.0f}s; run directory: {self.run_dir}", rank=0)
+        return summary
+
+    def close(self, clean: bool = True) -> None:
+        """Release workers, sinks and the process group (no barrier after a failure: the other
+        ranks may never reach it)."""
+        from flowpo.trainer.engine import close_distributed
+
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=True)
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        close_distributed(barrier=clean)

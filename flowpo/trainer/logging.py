@@ -1,0 +1,159 @@
+"""Run logging: stdout (rank 0), metrics JSONL, wandb (offline unless a key is configured),
+tensorboard (option), image grids and curve plots as PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def print0(*args: Any, rank: int | None = None, **kwargs: Any) -> None:
+    r = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if r == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):
+    """tqdm progress bar on rank 0 when enabled; the bare iterable otherwise."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+class RunLogger:
+    """Writes metrics to `metrics.jsonl` (one JSON object per line) and to the enabled sinks."""
+
+    def __init__(self, run_dir: Path, *, rank: int, wandb_mode: str, tensorboard: bool, config):
+        self.run_dir = run_dir
+        self.rank = rank
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        self._tb = None
+        if rank != 0:
+            return
+        mode = wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "off":
+            import wandb
+
+            self._wandb = wandb.init(
+                project="flowpo",
+                name=run_dir.name,
+                dir=str(run_dir),
+                mode=mode,
+                config=config.to_dict(),
+                settings=wandb.Settings(silent=True),
+            )
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.rank != 0:
+            return
+        clean = {k: _scalar(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"epoch": step, **clean}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.rank == 0 and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: Path,
+    *,
+    nrow: int,
+    captions: list[str] | None = None,
+    scale: int = 4,
+) -> Path:
+    """Save (B, 3, H, W) images in [0, 1] as one PNG grid, upscaled (nearest) for small images;
+    optional captions label each row (one per row)."""
+    from PIL import Image, ImageDraw
+
+    b, _, h, w = images.shape
+    ncol = nrow
+    rows = math.ceil(b / ncol)
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    cap_w = 0 if not captions else 8 + 6 * max(len(c) for c in captions)
+    pad = 2
+    cell_h, cell_w = h * scale, w * scale
+    grid = Image.new(
+        "RGB", (cap_w + ncol * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        tile = Image.fromarray(arr[i].permute(1, 2, 0).numpy()).resize(
+            (cell_w, cell_h), Image.NEAREST
+        )
+        grid.paste(tile, (cap_w + pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    for r, text in enumerate(captions or []):
+        draw.text((4, pad + r * (cell_h + pad) + cell_h // 2 - 5), text, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def plot_curves(metrics_path: Path, out: Path, keys: list[tuple[str, str | None]], title: str):
+    """Plot `key` (with optional std band `std_key`) against epoch from a metrics JSONL file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for key, std_key in keys:
+        pts = [
+            (r["epoch"], r[key], r.get(std_key, 0.0) if std_key else 0.0) for r in rows if key in r
+        ]
+        if not pts:
+            continue
+        xs, ys, ss = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, label=key)
+        if std_key:
+            lo = [y - s for y, s in zip(ys, ss)]
+            hi = [y + s for y, s in zip(ys, ss)]
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="flowpo",
+    version="0.1.0",
+    description="DeepSpeed trainer for online RL (Flow-GRPO family) on flow-matching text-to-image models",
+    packages=find_packages(include=["flowpo", "flowpo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16,<0.21",
+        "triton>=3.0,<3.10",
+        "diffusers>=0.35,<0.43",
+        "transformers>=4.56,<5.24",
+        "tokenizers>=0.21",
+        "peft>=0.17,<0.22",
+        "wandb>=0.21,<0.32",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pyyaml>=6.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.16"],
+    },
+    entry_points={"console_scripts": ["flowpo=flowpo.cli:main"]},
+)
