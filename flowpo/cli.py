@@ -10,6 +10,7 @@ One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,13 +80,17 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
     if args.resume == "latest":
         first = load_config(args.config, overrides)
         if not first.logging.run_name:
-            raise ConfigError("--resume latest needs the run to continue: add --logging.run_name=NAME")
+            raise ConfigError(
+                "--resume latest needs the run to continue: add --logging.run_name=NAME"
+            )
         run_dir = Path(first.logging.run_dir) / first.logging.run_name
     else:
         run_dir = find_checkpoint(args.resume, Path(".")).parent.parent
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        raise ConfigError(f"--resume: {run_dir} has no config.yaml; it is not a flowpo run directory")
+        raise ConfigError(
+            f"--resume: {run_dir} has no config.yaml; it is not a flowpo run directory"
+        )
     cfg = config_from_dict(yaml.safe_load(saved.read_text()))
     apply_overrides(cfg, overrides)
     cfg.logging.run_dir, cfg.logging.run_name = str(run_dir.parent), run_dir.name
@@ -97,6 +102,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from flowpo.trainer.grpo import GRPOTrainer
 
     cfg = resolve_train_config(args, overrides)
+    # fail on bad input before any process group or model is started
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer = GRPOTrainer(cfg)
     ok = False
     try:
@@ -172,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from flowpo.models.base import ModelLoadError
+    from flowpo.trainer.logging import quiet_libraries
+
+    quiet_libraries()
     try:
         if args.command == "train":
             return cmd_train(args, extra)
         if args.command == "sample":
             return cmd_sample(args)
         return cmd_make_tiny(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2
 

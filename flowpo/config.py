@@ -267,7 +267,9 @@ class Config:
         if s.num_steps < 2:
             raise ConfigError("sampling.num_steps must be >= 2 (the last step is always ODE)")
         if not 0.0 < r.timestep_fraction <= 1.0:
-            raise ConfigError(f"rollout.timestep_fraction ({r.timestep_fraction}) must be in (0, 1]")
+            raise ConfigError(
+                f"rollout.timestep_fraction ({r.timestep_fraction}) must be in (0, 1]"
+            )
         if s.noise_level <= 0:
             raise ConfigError("sampling.noise_level must be > 0 (0 is the ODE: no log-probability)")
         images = world_size * self.samples_per_rank()
@@ -293,8 +295,29 @@ class Config:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
         if r.prompt_file and not Path(r.prompt_file).is_file():
             raise ConfigError(f"rollout.prompt_file '{r.prompt_file}' does not exist")
+        path = self.model.path
+        if not path.startswith("tiny:") and not Path(path).is_dir():
+            raise ConfigError(
+                f"model.path '{path}' does not exist; point it at a local diffusers model "
+                f"directory, or use tiny:sd3 / tiny:flux (or 'flowpo make-tiny sd3 DIR')"
+            )
+        if path.startswith("tiny:") and path[5:] not in ("sd3", "flux"):
+            raise ConfigError(f"model.path '{path}': tiny models are tiny:sd3 and tiny:flux")
         if not self.reward.weights:
             raise ConfigError("reward.weights is empty; name at least one reward")
+        from flowpo.rewards.base import known_rewards
+        from flowpo.trainer.rollout import PLAN_REGISTRY
+
+        for name in self.reward.weights:
+            if name not in known_rewards():
+                raise ConfigError(
+                    f"reward.weights: unknown reward '{name}'; choose one of: "
+                    + ", ".join(known_rewards())
+                )
+        if r.plan not in PLAN_REGISTRY:
+            raise ConfigError(
+                f"rollout.plan '{r.plan}' is unknown; choose one of: " + ", ".join(PLAN_REGISTRY)
+            )
         if t.beta < 0:
             raise ConfigError(f"train.beta ({t.beta}) must be >= 0")
 

@@ -92,7 +92,8 @@ TINY_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             patch_size=2,
             in_channels=4,
             out_channels=4,
-            num_layers=3,
+            # 2 layers: fwd+bwd at batch 8 ≈ 11 ms on 2 CPU cores (3 layers: ≈ 17 ms)
+            num_layers=2,
             attention_head_dim=16,
             num_attention_heads=4,
             joint_attention_dim=64,
@@ -167,7 +168,9 @@ def _clip_tokenizer(model_max_length: int) -> Any:
     from transformers import CLIPTokenizer
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=eos))
+    tok = Tokenizer(
+        models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=eos)
+    )
     # same normaliser and pre-tokeniser as CLIPTokenizer, so the learned merges apply as trained
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -333,7 +336,9 @@ def make_tiny(family: str, out_dir: str, *, seed: int = 0, resolution: int = 32)
     transformer sample sizes, i.e. the default image size of the adapters.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"make-tiny family '{family}' is unknown; choose one of: {', '.join(_BUILDERS)}")
+        raise ValueError(
+            f"make-tiny family '{family}' is unknown; choose one of: {', '.join(_BUILDERS)}"
+        )
     pipe = _BUILDERS[family](TINY_CONFIGS[family], seed, resolution)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,11 @@ def build_reward(name: str, **kwargs: Any) -> RewardFn:
     return REWARD_REGISTRY[name](**kwargs)
 
 
+def known_rewards() -> list[str]:
+    _import_builtin_rewards()
+    return sorted(REWARD_REGISTRY)
+
+
 def _import_builtin_rewards() -> None:
     from flowpo.rewards import jpeg  # noqa: F401  (registers on import)
 

@@ -269,7 +269,8 @@ class GRPOTrainer:
                         step.std,
                         dt,
                         estimator=t.kl_estimator,
-                        reduce=cfg.sampling.logprob_reduce,
+                        # the published estimator is defined on per-element means
+                        reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
                     ).mean()
                     loss = loss + t.beta * kl
                     st["kl"] = kl.detach()

@@ -13,6 +13,22 @@ from typing import Any
 import torch
 
 
+def quiet_libraries() -> None:
+    """Keep stdout readable: library progress bars and info chatter off (errors still show)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
+    import logging as _logging
+
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        _logging.getLogger(name).setLevel(_logging.WARNING)
+
+
 def print0(*args: Any, rank: int | None = None, **kwargs: Any) -> None:
     r = int(os.environ.get("RANK", "0")) if rank is None else rank
     if r == 0:

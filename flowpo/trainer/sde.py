@@ -5,8 +5,9 @@ it directly, and the fused kernels are tested against it. It imports nothing but
 
 Shapes: B batch, D latent elements per image (the product of the non-batch dims). Sigmas run
 from 1 (noise) to 0 (data); dt = sigma_next - sigma is negative. Every function computes in
-float32 whatever the input dtype: in bf16 the Flow-SDE mean overflows/loses its small drift
-correction, and the log-prob residual x' - mu cancels catastrophically.
+float32 whatever the input dtype: the mean overflows in half precision (sigma_t^2 / (2 sigma)
+is large near sigma = 1) and bf16 rounds away its small drift correction; the log-prob residual
+x' - mu, divided by a small std, would be mostly rounding error.
 """
 
 from __future__ import annotations

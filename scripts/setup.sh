@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install flowpo with its dev extras. CPU torch is pinned by
+# constraints.txt so pip never pulls a multi-GB CUDA build; on a GPU machine install your CUDA
+# torch into the environment first (or set FLOWPO_NO_CONSTRAINTS=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.flowpo-installed
+want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [ "${FLOWPO_NO_CONSTRAINTS:-0}" = "1" ]; then
+    .venv/bin/python -m pip install -q -e ".[dev]"
+  else
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  fi
+  echo "$want" > "$stamp"
+fi

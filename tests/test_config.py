@@ -1,0 +1,103 @@
+"""Config loading, overrides and cross-field validation: errors name the field and the fix."""
+
+import pytest
+
+from flowpo.config import Config, ConfigError, load_config
+
+
+def test_defaults_validate():
+    Config().validate(world_size=1)
+
+
+def test_override_types_are_coerced():
+    cfg = load_config(
+        None,
+        [
+            "--train.learning_rate=1e-3",
+            "--rollout.group_size=2",
+            "--train.lora=false",
+            "--eval.seeds=5,6",
+            "--reward.weights=jpeg_compressibility:0.5",
+        ],
+    )
+    assert cfg.train.learning_rate == 1e-3
+    assert cfg.rollout.group_size == 2
+    assert cfg.train.lora is False
+    assert cfg.eval.seeds == [5, 6]
+    assert cfg.reward.weights == {"jpeg_compressibility": 0.5}
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'train.learning_rat'; did you mean 'train.learning_rate'",
+    ):
+        load_config(None, ["--train.learning_rat=1"])
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown config section 'trian'; did you mean 'train'"):
+        load_config(None, ["--trian.epochs=1"])
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match=r"^train.epochs: expected an integer, got 'ten'$"):
+        load_config(None, ["--train.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"^train.lora: expected true/false, got 'maybe'$"):
+        load_config(None, ["--train.lora=maybe"])
+
+
+def test_non_divisible_layout_names_group_size():
+    cfg = load_config(None, ["--rollout.group_size=3"])
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=1)
+    msg = str(e.value)
+    assert msg.startswith("rollout.group_size (3) must divide the images per epoch")
+    assert "16" in msg and "\n" not in msg
+
+
+def test_micro_batch_must_divide():
+    cfg = load_config(None, ["--train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(3\) must divide"):
+        cfg.validate()
+
+
+def test_choices_are_checked():
+    cfg = load_config(None, ["--sampling.sde_type=ddim"])
+    with pytest.raises(
+        ConfigError,
+        match=r"sampling.sde_type='ddim' is not allowed; choose one of: flow, cps, dance",
+    ):
+        cfg.validate()
+
+
+def test_recipe_file_roundtrip(tmp_path):
+    cfg = load_config("configs/tiny_sd3_jpeg.yaml", ["--train.epochs=2"])
+    assert cfg.recipe == "tiny_sd3_jpeg" and cfg.train.epochs == 2
+    cfg.save(tmp_path / "c.yaml")
+    from flowpo.config import config_from_dict
+    import yaml
+
+    again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_derived_sizes():
+    cfg = load_config(
+        None,
+        [
+            "--rollout.batch_size=8",
+            "--rollout.num_batches=2",
+            "--train.micro_batch_size=4",
+            "--train.steps_per_epoch=2",
+        ],
+    )
+    sizes = cfg.derived_sizes(world_size=2, num_trained_steps=9)
+    assert sizes["images_per_epoch"] == 32
+    assert sizes["prompts_per_epoch"] == 8
+    assert sizes["gradient_accumulation_steps"] == 2 * 9
