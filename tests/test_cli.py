@@ -55,8 +55,19 @@ def test_make_tiny_then_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "model_index.json").is_file() and (out / "transformer").is_dir()
     png = tmp_path / "grid.png"
-    proc = run_flowpo("sample", "--model", str(out), "--prompt", "a red circle", "--num", "2",
-                      "--steps", "4", "--out", str(png))
+    proc = run_flowpo(
+        "sample",
+        "--model",
+        str(out),
+        "--prompt",
+        "a red circle",
+        "--num",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        str(png),
+    )
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
 

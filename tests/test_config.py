@@ -75,8 +75,9 @@ def test_recipe_file_roundtrip(tmp_path):
     cfg = load_config("configs/tiny_sd3_jpeg.yaml", ["--train.epochs=2"])
     assert cfg.recipe == "tiny_sd3_jpeg" and cfg.train.epochs == 2
     cfg.save(tmp_path / "c.yaml")
-    from flowpo.config import config_from_dict
     import yaml
+
+    from flowpo.config import config_from_dict
 
     again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert again.to_dict() == cfg.to_dict()

@@ -29,8 +29,15 @@ def _metrics(run):
 
 
 def test_three_epochs_then_resume(tmp_path):
-    args = ["train", "-c", "configs/tiny_sd3_jpeg.yaml", f"--logging.run_dir={tmp_path}",
-            "--logging.run_name=e2e", "--checkpoint.every=1", *COMMON]
+    args = [
+        "train",
+        "-c",
+        "configs/tiny_sd3_jpeg.yaml",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.run_name=e2e",
+        "--checkpoint.every=1",
+        *COMMON,
+    ]
     proc = run_flowpo(*args, "--train.epochs=3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = tmp_path / "e2e"
@@ -40,8 +47,13 @@ def test_three_epochs_then_resume(tmp_path):
         assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"])
         # invariant 4 through DeepSpeed + LoRA + CFG-free SD3: first update sees ratio == 1
         assert r["train/first_ratio_max_dev"] <= 1e-6
-    for name in ("config.yaml", "samples_start.png", "samples_end.png", "reward_curve.png",
-                 "summary.json"):
+    for name in (
+        "config.yaml",
+        "samples_start.png",
+        "samples_end.png",
+        "reward_curve.png",
+        "summary.json",
+    ):
         assert (run / name).is_file(), name
     assert "== summary ==" in proc.stdout and str(run) in proc.stdout
     ckpts = run / "checkpoints"
@@ -60,8 +72,15 @@ def test_three_epochs_then_resume(tmp_path):
 
 
 def test_tiny_flux_trains(tmp_path):
-    proc = run_flowpo("train", "-c", "configs/tiny_flux_jpeg.yaml", f"--logging.run_dir={tmp_path}",
-                      "--logging.run_name=flux", "--train.epochs=2", *COMMON)
+    proc = run_flowpo(
+        "train",
+        "-c",
+        "configs/tiny_flux_jpeg.yaml",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.run_name=flux",
+        "--train.epochs=2",
+        *COMMON,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = _metrics(tmp_path / "flux")
     assert len(rows) == 2 and all(r["train/first_ratio_max_dev"] <= 1e-6 for r in rows)

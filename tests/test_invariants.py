@@ -16,7 +16,9 @@ def _lora(adapter, seed=0):
     module = adapter.trainable_module
     module.requires_grad_(False)
     module.add_adapter(
-        LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=adapter.lora_targets)
+        LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=adapter.lora_targets
+        )
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # make the adapters matter: B != 0
@@ -48,8 +50,14 @@ def test_first_update_ratio_is_exactly_one(tiny_dirs, family, guidance, sde_type
     for j in range(len(plan.trained)):
         v = adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
         step = sde_step_with_logprob(
-            ro.latents[:, j], v, ro.sigmas[:, j], ro.sigmas_next[:, j], ro.noise_levels[:, j],
-            sde_type=sde_type, prev_sample=ro.next_latents[:, j], sigma_max=float(sigmas[1]),
+            ro.latents[:, j],
+            v,
+            ro.sigmas[:, j],
+            ro.sigmas_next[:, j],
+            ro.noise_levels[:, j],
+            sde_type=sde_type,
+            prev_sample=ro.next_latents[:, j],
+            sigma_max=float(sigmas[1]),
         )
         assert step.log_prob.requires_grad
         ratio = torch.exp(step.log_prob - ro.log_probs[:, j])

@@ -270,7 +270,9 @@ class GRPOTrainer:
                         dt,
                         estimator=t.kl_estimator,
                         # the published estimator is defined on per-element means
-                        reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
+                        reduce="mean"
+                        if t.kl_estimator == "flow_grpo"
+                        else cfg.sampling.logprob_reduce,
                     ).mean()
                     loss = loss + t.beta * kl
                     st["kl"] = kl.detach()
