@@ -60,7 +60,7 @@ class RolloutConfig:
     """Rollout plan name (registry in trainer/rollout.py)."""
     group_size: int = 4
     """G: images per prompt."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Images per rank per sampling batch."""
     num_batches: int = 2
     """Sampling batches per rank per epoch."""
@@ -81,8 +81,10 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    learning_rate: float = 3e-4
+    epochs: int = 150
+    learning_rate: float = 1e-2
+    """AdamW lr. The default suits the tiny CPU demo; real-model recipes set their own
+    (Flow-GRPO LoRA: 3e-4)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-4
@@ -148,7 +150,7 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0
+    every: int = 25
     """Evaluate every N epochs (0 = only at start and end)."""
     num_prompts: int = 4
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])

@@ -5,7 +5,9 @@ and `--resume latest` continues from the next epoch."""
 import json
 import math
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import run_flowpo
@@ -25,7 +27,9 @@ COMMON = [
 
 
 def _metrics(run):
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    """Training rows of metrics.jsonl (evaluation rows carry only eval/ keys)."""
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
 
 
 def test_three_epochs_then_resume(tmp_path):
@@ -63,6 +67,28 @@ def test_three_epochs_then_resume(tmp_path):
     lora = load_file(str(ckpts / "checkpoint-2" / "trainable.safetensors"))
     b = [v for k, v in lora.items() if "lora_B" in k]
     assert b and any(v.abs().max() > 0 for v in b), "LoRA B started at zero and must have moved"
+
+    # the checkpoint's LoRA applies through `flowpo sample` and changes the images
+    grids = {}
+    for tag, extra in (("base", []), ("tuned", ["--checkpoint", str(ckpts / "checkpoint-2")])):
+        out = tmp_path / f"{tag}.png"
+        p = run_flowpo(
+            "sample",
+            "--model",
+            str(run / "base_model"),
+            "--prompt",
+            "a red circle",
+            "--num",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            *extra,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        grids[tag] = np.asarray(Image.open(out), dtype=np.float32)
+    assert np.abs(grids["base"] - grids["tuned"]).max() > 0
 
     proc = run_flowpo(*args, "--train.epochs=5", "--resume", "latest")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -374,6 +374,7 @@ class GRPOTrainer:
         if "eval_start" not in self.history:
             m, s = self.evaluate("start")
             self.history["eval_start"] = [m, s]
+            self.logger.log({"eval/reward_mean": m, "eval/reward_std": s}, step=self.start_epoch)
             print0(f"eval reward at start: {m:.4f} ± {s:.4f}", rank=self.rank)
         last = None
         for epoch in range(self.start_epoch, cfg.train.epochs):
@@ -410,6 +411,7 @@ class GRPOTrainer:
             self.save_checkpoint(last)
         m, s = self.evaluate("end")
         self.history["eval_end"] = [m, s]
+        self.logger.log({"eval/reward_mean": m, "eval/reward_std": s}, step=cfg.train.epochs - 1)
         return self._finish(time.time() - t0)
 
     def _finish(self, seconds: float) -> dict[str, float]:

@@ -36,8 +36,8 @@ def print0(*args: Any, rank: int | None = None, **kwargs: Any) -> None:
 
 
 def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):
-    """tqdm progress bar on rank 0 when enabled; the bare iterable otherwise."""
-    if not enabled:
+    """tqdm progress bar on rank 0 when enabled and stderr is a terminal; else the iterable."""
+    if not enabled or not sys.stderr.isatty():
         return iterable
     from tqdm.auto import tqdm
 
