@@ -110,6 +110,8 @@ class TrainConfig:
     """Normalise advantages by the std of all rewards of the epoch (published default)."""
     drop_zero_std: bool = False
     """Drop groups whose rewards are all equal from the update."""
+    kernels: str = "auto"
+    """Re-scoring/loss kernels: auto (Triton on CUDA, torch elsewhere) | triton | torch."""
     lora: bool = True
     """LoRA through peft (default) or full fine-tuning."""
     lora_rank: int = 8
@@ -185,6 +187,7 @@ _CHOICES = {
     ("sampling", "sde_type"): ("flow", "cps", "dance"),
     ("sampling", "logprob_reduce"): ("mean", "sum"),
     ("train", "kl_estimator"): ("flow_grpo", "exact"),
+    ("train", "kernels"): ("auto", "triton", "torch"),
     ("engine", "zero_stage"): (0, 2, 3),
     ("engine", "precision"): ("fp32", "bf16"),
     ("logging", "wandb"): ("auto", "offline", "online", "off"),
