@@ -154,10 +154,16 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 25
     """Evaluate every N epochs (0 = only at start and end)."""
-    num_prompts: int = 4
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    prompt_file: str = ""
+    """Eval prompts (.txt, GenEval .jsonl, or shapes:heldout); empty = `prompts`, else the
+    training prompts."""
     prompts: list[str] = field(default_factory=list)
-    """Eval prompts; empty = the first num_prompts training prompts."""
+    num_prompts: int = 4
+    """Use the first N eval prompts (0 = all)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Initial-noise seeds: every prompt is sampled once per seed (ODE, deterministic)."""
+    grid_prompts: int = 8
+    """Prompts shown in the sample grids (rows); columns are the seeds (at most 8)."""
 
 
 @dataclass
@@ -298,8 +304,15 @@ class Config:
             )
         if not r.prompt_file and not r.prompts:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
-        if r.prompt_file and not Path(r.prompt_file).is_file():
-            raise ConfigError(f"rollout.prompt_file '{r.prompt_file}' does not exist")
+        from flowpo.trainer.data import BUILTIN_SOURCES
+
+        for key, value in (("rollout.prompt_file", r.prompt_file),
+                           ("eval.prompt_file", self.eval.prompt_file)):
+            if value and value not in BUILTIN_SOURCES and not Path(value).is_file():
+                raise ConfigError(
+                    f"{key} '{value}' does not exist; give a .txt/.jsonl file or one of: "
+                    + ", ".join(BUILTIN_SOURCES)
+                )
         path = self.model.path
         if not path.startswith("tiny:") and not Path(path).is_dir():
             raise ConfigError(

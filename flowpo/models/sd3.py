@@ -49,10 +49,18 @@ class SD3Adapter(ModelAdapter):
             resolution=resolution,
             guidance_scale=guidance_scale,
         )
+        import json
+        from pathlib import Path
+
         from diffusers import StableDiffusion3Pipeline
 
+        index = json.loads((Path(self.model_dir) / "model_index.json").read_text())
+        # A directory whose model_index.json names no VAE ("vae": [null, null]) is a pixel-space
+        # model of the same family (the shapes-world base): latents are images in [-1, 1].
+        self.pixel_space = index.get("vae", [None, None])[0] is None
+        extra = {"vae": None} if self.pixel_space else {}
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            self.model_dir, local_files_only=True, dtype=dtype
+            self.model_dir, local_files_only=True, dtype=dtype, **extra
         )
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
@@ -61,7 +69,7 @@ class SD3Adapter(ModelAdapter):
         tcfg = pipe.transformer.config
         self.patch_size = int(tcfg.patch_size)
         self.latent_channels = int(tcfg.in_channels)
-        self.vae_scale_factor = int(pipe.vae_scale_factor)
+        self.vae_scale_factor = 1 if self.pixel_space else int(pipe.vae_scale_factor)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         if self.resolution is None:  # the pipeline's default height/width
             self.resolution = int(tcfg.sample_size) * self.vae_scale_factor
@@ -182,6 +190,8 @@ class SD3Adapter(ModelAdapter):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from latents (B, C, h, w)."""
+        if self.pixel_space:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
         vae = self.pipe.vae
         shift = vae.config.shift_factor or 0.0
         z = latents.to(device=self.device, dtype=vae.dtype) / vae.config.scaling_factor + shift

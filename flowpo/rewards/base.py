@@ -49,7 +49,7 @@ def known_rewards() -> list[str]:
 
 
 def _import_builtin_rewards() -> None:
-    from flowpo.rewards import jpeg  # noqa: F401  (registers on import)
+    from flowpo.rewards import jpeg, shapes  # noqa: F401  (register on import)
 
 
 class WeightedReward:
@@ -76,6 +76,8 @@ class WeightedReward:
             if not torch.isfinite(scores).all():
                 raise RuntimeError(f"reward '{name}' returned non-finite scores: {scores.tolist()}")
             details[name] = scores
+            for key, value in out.details.items():
+                details[f"{name}/{key}"] = value.detach().float().cpu()
             total += self.weights[name] * scores
         return RewardOutput(scores=total, details=details)
 

@@ -8,23 +8,49 @@ the epoch counter).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+BUILTIN_SOURCES = ("shapes:train", "shapes:heldout", "shapes:all")
 
-def load_prompts(prompt_file: str = "", prompts: list[str] | None = None) -> list[str]:
+
+def load_prompt_items(
+    prompt_file: str = "", prompts: list[str] | None = None, *, field: str = "rollout.prompt_file"
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Prompts and their metadata from a text file (one prompt per line), a GenEval-style JSONL
+    file (one metadata object with a "prompt" per line), a built-in source (`shapes:train`,
+    `shapes:heldout`, `shapes:all`), or an inline list (metadata empty)."""
+    if prompt_file in BUILTIN_SOURCES:
+        from flowpo.tasks.shapes.world import all_prompts, splits
+
+        split = prompt_file.split(":", 1)[1]
+        metas = all_prompts() if split == "all" else splits()[split]
+        return [m["prompt"] for m in metas], metas
     if prompt_file:
-        lines = [ln.strip() for ln in Path(prompt_file).read_text().splitlines()]
-        out = [ln for ln in lines if ln]
-        if not out:
-            raise ValueError(f"rollout.prompt_file '{prompt_file}' holds no prompts")
-        return out
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ValueError(f"{field} '{prompt_file}' does not exist")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"{field} '{prompt_file}' holds no prompts")
+        if path.suffix == ".jsonl":
+            metas = [json.loads(ln) for ln in lines]
+            for i, m in enumerate(metas):
+                if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
+                    raise ValueError(f"{field} '{prompt_file}' line {i + 1} needs a 'prompt'")
+            return [m["prompt"] for m in metas], metas
+        return lines, [{} for _ in lines]
     if not prompts:
         raise ValueError("rollout.prompts is empty; give prompts or rollout.prompt_file")
-    return list(prompts)
+    return list(prompts), [{} for _ in prompts]
+
+
+def load_prompts(prompt_file: str = "", prompts: list[str] | None = None) -> list[str]:
+    return load_prompt_items(prompt_file, prompts)[0]
 
 
 @dataclass
@@ -66,17 +92,31 @@ class KRepeatSampler:
         self.seed = seed
         self.prompts_per_epoch = total // group_size
 
-    def epoch_items(self, epoch: int) -> list[PromptItem]:
-        """This rank's `images_per_rank` items for `epoch` (deterministic in seed and epoch)."""
+    def epoch_items(self, epoch: int, contiguous_groups: bool = False) -> list[PromptItem]:
+        """This rank's `images_per_rank` items for `epoch` (deterministic in seed and epoch).
+
+        contiguous_groups: deal whole groups, their G items adjacent (rollout plans whose
+        trajectories of one prompt share a prefix or an anchor need the group in one batch);
+        needs G to divide images_per_rank.
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.prompts)
         if self.prompts_per_epoch <= n:
             idx = torch.randperm(n, generator=g)[: self.prompts_per_epoch]
         else:
             idx = torch.randint(0, n, (self.prompts_per_epoch,), generator=g)
-        groups = torch.arange(self.prompts_per_epoch).repeat_interleave(self.group_size)
-        order = torch.randperm(groups.numel(), generator=g)
-        groups = groups[order]
+        if contiguous_groups:
+            if self.images_per_rank % self.group_size:
+                raise ValueError(
+                    f"rollout.group_size ({self.group_size}) must divide the images per rank "
+                    f"({self.images_per_rank}) when groups are dealt whole"
+                )
+            order = torch.randperm(self.prompts_per_epoch, generator=g)
+            groups = order.repeat_interleave(self.group_size)
+        else:
+            groups = torch.arange(self.prompts_per_epoch).repeat_interleave(self.group_size)
+            order = torch.randperm(groups.numel(), generator=g)
+            groups = groups[order]
         lo = self.rank * self.images_per_rank
         items = []
         for gid in groups[lo : lo + self.images_per_rank].tolist():

@@ -23,10 +23,11 @@ import torch
 from flowpo.config import Config
 from flowpo.rewards.base import WeightedReward
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
-from flowpo.trainer.data import KRepeatSampler, load_prompts
-from flowpo.trainer.logging import RunLogger, plot_curves, print0, progress, save_grid
+from flowpo.trainer.data import KRepeatSampler, load_prompt_items
+from flowpo.trainer.evaluation import EvalResult, accuracy_table, run_eval, save_eval_grid
+from flowpo.trainer.logging import RunLogger, plot_curves, print0, progress
 from flowpo.trainer.losses import clipped_policy_loss, kl_to_reference
-from flowpo.trainer.rollout import Rollout, build_plan, sample_ode, sample_rollout
+from flowpo.trainer.rollout import Rollout, build_plan, sample_rollout
 from flowpo.trainer.sde import sde_step_with_logprob
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +41,17 @@ class EpochData:
     rewards: torch.Tensor  # (N,) weighted reward
     details: dict[str, torch.Tensor]  # reward name -> (N,)
     group_ids: torch.Tensor  # (N,) global group ids
+
+
+def asdict_eval(res: EvalResult) -> dict:
+    """The JSON-able numbers of an evaluation (kept in the trainer state for resume)."""
+    return {
+        "reward_mean": res.reward_mean,
+        "reward_std": res.reward_std,
+        "num_samples": res.num_samples,
+        "accuracy": res.accuracy,
+        "counts": res.counts,
+    }
 
 
 def resolve_run_dir(cfg: Config, rank: int, broadcast) -> Path:
@@ -94,7 +106,7 @@ class GRPOTrainer:
             guidance_scale=cfg.sampling.guidance_scale,
         )
         self.adapter.freeze_frozen_parts()
-        prompts = load_prompts(cfg.rollout.prompt_file, cfg.rollout.prompts)
+        prompts, metas = load_prompt_items(cfg.rollout.prompt_file, cfg.rollout.prompts)
         self.sampler = KRepeatSampler(
             prompts,
             group_size=cfg.rollout.group_size,
@@ -102,6 +114,7 @@ class GRPOTrainer:
             world_size=self.world,
             rank=self.rank,
             seed=cfg.train.seed,
+            metadata=metas,
         )
         self.plan = build_plan(cfg)
         self.num_trained = len(self.plan.step_plan(cfg.sampling.num_steps, 0).trained)
@@ -288,28 +301,22 @@ class GRPOTrainer:
         return out
 
     # -- evaluation, checkpoints -------------------------------------------------------------------
-    def evaluate(self, tag: str) -> tuple[float, float]:
-        """ODE samples for fixed (prompt, seed) pairs; grid PNG and reward mean/std."""
-        e = self.cfg.eval
-        prompts = e.prompts or load_prompts(self.cfg.rollout.prompt_file, self.cfg.rollout.prompts)
-        prompts = prompts[: e.num_prompts]
-        pairs = [(p, s) for p in prompts for s in e.seeds]
-        steps = self.cfg.sampling.eval_num_steps or self.cfg.sampling.num_steps
+    def evaluate(self, tag: str, epoch: int) -> EvalResult:
+        """ODE samples for the fixed (prompt, seed) pairs: reward, per-tag accuracy, grid PNG."""
         self.engine.module.eval()
-        images = []
-        bs = self.cfg.rollout.batch_size
-        for i in range(0, len(pairs), bs):
-            chunk = pairs[i : i + bs]
-            emb = self.adapter.encode_prompts([p for p, _ in chunk])
-            images.append(sample_ode(self.adapter, emb, steps, [s for _, s in chunk]))
-        images = torch.cat(images)
-        out = self.reward(images, [p for p, _ in pairs], [{} for _ in pairs])
+        res = run_eval(self.adapter, self.reward, self.cfg, show_progress=self.show)
         if self.rank == 0:
-            path = save_grid(
-                images, self.run_dir / f"samples_{tag}.png", nrow=len(e.seeds), captions=prompts
-            )
-            self.logger.log_image(f"samples/{tag}", path, step=self.history.get("epoch", 0))
-        return float(out.scores.mean()), float(out.scores.std())
+            path = save_eval_grid(res, self.run_dir / f"samples_{tag}.png")
+            if path is not None:
+                self.logger.log_image(f"samples/{tag}", path, step=epoch)
+            self.logger.log(res.metrics(), step=epoch)
+        acc = res.accuracy.get("overall")
+        print0(
+            f"eval [{tag}] reward {res.reward_mean:.4f} ± {res.reward_std:.4f}"
+            + (f" | strict accuracy {acc:.3f} ({res.num_samples} samples)" if acc is not None else ""),
+            rank=self.rank,
+        )
+        return res
 
     def save_checkpoint(self, epoch: int) -> Path:
         root = self.run_dir / "checkpoints"
@@ -372,10 +379,7 @@ class GRPOTrainer:
         cfg = self.cfg
         t0 = time.time()
         if "eval_start" not in self.history:
-            m, s = self.evaluate("start")
-            self.history["eval_start"] = [m, s]
-            self.logger.log({"eval/reward_mean": m, "eval/reward_std": s}, step=self.start_epoch)
-            print0(f"eval reward at start: {m:.4f} ± {s:.4f}", rank=self.rank)
+            self.history["eval_start"] = asdict_eval(self.evaluate("start", self.start_epoch))
         last = None
         for epoch in range(self.start_epoch, cfg.train.epochs):
             te = time.time()
@@ -388,13 +392,6 @@ class GRPOTrainer:
             self.history.setdefault("train_reward", []).append(
                 [stats["reward_mean"], stats["reward_std"]]
             )
-            if (
-                cfg.eval.every
-                and (epoch + 1) % cfg.eval.every == 0
-                and epoch + 1 < cfg.train.epochs
-            ):
-                m, s = self.evaluate(f"epoch{epoch}")
-                metrics["eval/reward_mean"], metrics["eval/reward_std"] = m, s
             self.logger.log(metrics, step=epoch)
             print0(
                 f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
@@ -404,52 +401,62 @@ class GRPOTrainer:
                 rank=self.rank,
             )
             last = epoch
+            done = epoch + 1 == cfg.train.epochs
+            if cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and not done:
+                self.evaluate(f"epoch{epoch}", epoch)
             every = cfg.checkpoint.every
-            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+            if every and (epoch + 1) % every == 0 and not done:
                 self.save_checkpoint(epoch)
         if last is not None:
             self.save_checkpoint(last)
-        m, s = self.evaluate("end")
-        self.history["eval_end"] = [m, s]
-        self.logger.log({"eval/reward_mean": m, "eval/reward_std": s}, step=cfg.train.epochs - 1)
-        return self._finish(time.time() - t0)
+        end = self.evaluate("end", cfg.train.epochs - 1)
+        self.history["eval_end"] = asdict_eval(end)
+        return self._finish(time.time() - t0, end)
 
-    def _finish(self, seconds: float) -> dict[str, float]:
+    def _finish(self, seconds: float, end: EvalResult) -> dict:
         h = self.history
-        summary = {
-            "eval_reward_start": h["eval_start"][0],
-            "eval_reward_start_std": h["eval_start"][1],
-            "eval_reward_end": h["eval_end"][0],
-            "eval_reward_end_std": h["eval_end"][1],
-            "seconds": seconds,
-        }
+        start = h["eval_start"]
+        summary = {"eval_start": start, "eval_end": h["eval_end"], "seconds": seconds}
         if h.get("train_reward"):
             summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
             summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
-        if self.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            if (self.run_dir / "metrics.jsonl").is_file():
+        if self.rank != 0:
+            return summary
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            plot_curves(
+                metrics,
+                self.run_dir / "reward_curve.png",
+                [("reward_mean", "reward_std"), ("eval/reward_mean", None)],
+                title=f"reward ({', '.join(self.cfg.reward.weights)})",
+            )
+            if end.accuracy:
                 plot_curves(
-                    self.run_dir / "metrics.jsonl",
-                    self.run_dir / "reward_curve.png",
-                    [("reward_mean", "reward_std"), ("eval/reward_mean", "eval/reward_std")],
-                    title=f"reward ({', '.join(self.cfg.reward.weights)})",
+                    metrics,
+                    self.run_dir / "accuracy_curve.png",
+                    [(f"eval/acc/{k}", None) for k in end.accuracy],
+                    title="held-out strict accuracy (ODE, fixed seeds)",
                 )
-            print0("\n== summary ==", rank=0)
+        print0("\n== summary ==", rank=0)
+        print0(
+            f"eval reward (ODE, fixed seeds): start {start['reward_mean']:.4f} ± "
+            f"{start['reward_std']:.4f} -> end {end.reward_mean:.4f} ± {end.reward_std:.4f}",
+            rank=0,
+        )
+        if "train_reward_first" in summary:
             print0(
-                f"eval reward (ODE, fixed seeds): start {summary['eval_reward_start']:.4f} ± "
-                f"{summary['eval_reward_start_std']:.4f} -> end {summary['eval_reward_end']:.4f} ± "
-                f"{summary['eval_reward_end_std']:.4f}",
+                f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
+                f"{summary['train_reward_first_std']:.4f} -> last epoch "
+                f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
                 rank=0,
             )
-            if "train_reward_first" in summary:
-                print0(
-                    f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
-                    f"{summary['train_reward_first_std']:.4f} -> last epoch "
-                    f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
-                    rank=0,
-                )
-            print0(f"wall time {seconds:.0f}s; run directory: {self.run_dir}", rank=0)
+        if end.accuracy:
+            before = EvalResult(start["reward_mean"], start["reward_std"], start["num_samples"],
+                                start["accuracy"], start["counts"])
+            print0(f"strict accuracy per tag ({end.num_samples} samples):", rank=0)
+            print0(accuracy_table(before, end), rank=0)
+        print0(f"wall time {seconds:.0f}s; run directory: {self.run_dir}", rank=0)
         return summary
 
     def close(self, clean: bool = True) -> None:

@@ -1,0 +1,1 @@
+"""Shapes world: a miniature GenEval (prompts, renderer, detector, scorer, base model)."""

@@ -1,0 +1,242 @@
+"""The shapes world: a miniature GenEval.
+
+Vocabulary: 3 shapes x 4 colours on a white 32x32 canvas, counts 1-4, four relative positions.
+Prompts follow GenEval's six tags and its metadata format (arXiv 2310.11513): each prompt has
+`include` clauses {class, count[, color][, position: [relation, clause_index]]} and, for
+counting, an `exclude` clause {class, count: n+1}. The renderer draws a prompt's scene with
+random sizes, colours (where the prompt leaves them free) and non-touching placement.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIZE = 32  # canvas side in pixels
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 60, 220),
+    "yellow": (235, 200, 20),
+}
+BACKGROUND = (255, 255, 255)
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+HELDOUT_FRACTION = 0.25
+SPLIT_SEED = 1234
+MIN_SIDE, MAX_SIDE = 8, 11  # object bounding-box side in pixels
+GAP = 2  # minimum free pixels between objects, so components never touch
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def all_prompts() -> list[dict[str, Any]]:
+    """Every prompt of the world with its GenEval metadata (deterministic order)."""
+    out: list[dict[str, Any]] = []
+
+    def add(tag: str, prompt: str, include: list[dict], exclude: list[dict] | None = None):
+        item = {"tag": tag, "prompt": prompt, "include": include}
+        if exclude:
+            item["exclude"] = exclude
+        out.append(item)
+
+    for s in SHAPES:
+        add("single_object", f"a photo of a {s}", [{"class": s, "count": 1}])
+    for i, a in enumerate(SHAPES):
+        for b in SHAPES[i + 1 :]:
+            add(
+                "two_object",
+                f"a photo of a {a} and a {b}",
+                [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            )
+    for s in SHAPES:
+        for n in (2, 3, 4):
+            add(
+                "counting",
+                f"a photo of {NUMBERS[n]} {PLURAL[s]}",
+                [{"class": s, "count": n}],
+                [{"class": s, "count": n + 1}],
+            )
+    for s in SHAPES:
+        for c in COLORS:
+            add("colors", f"a photo of {_article(c)} {c} {s}", [{"class": s, "count": 1, "color": c}])
+    for a in SHAPES:
+        for b in SHAPES:
+            if a == b:
+                continue
+            for rel in RELATIONS:
+                add(
+                    "position",
+                    f"a photo of a {a} {rel} a {b}",
+                    [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+                )
+    for i, a in enumerate(SHAPES):
+        for b in SHAPES[i + 1 :]:
+            for ca in COLORS:
+                for cb in COLORS:
+                    if ca == cb:
+                        continue
+                    add(
+                        "color_attr",
+                        f"a photo of {_article(ca)} {ca} {a} and {_article(cb)} {cb} {b}",
+                        [
+                            {"class": a, "count": 1, "color": ca},
+                            {"class": b, "count": 1, "color": cb},
+                        ],
+                    )
+    return out
+
+
+def splits() -> dict[str, list[dict[str, Any]]]:
+    """Fixed train / held-out split: per tag, a seeded 25% (at least one prompt) is held out."""
+    rng = random.Random(SPLIT_SEED)
+    train, held = [], []
+    for tag in TAGS:
+        items = [p for p in all_prompts() if p["tag"] == tag]
+        k = max(1, round(len(items) * HELDOUT_FRACTION))
+        chosen = set(rng.sample(range(len(items)), k))
+        for i, item in enumerate(items):
+            (held if i in chosen else train).append(item)
+    return {"train": train, "heldout": held}
+
+
+def write_metadata(path: str | Path, items: list[dict[str, Any]]) -> None:
+    """GenEval-style JSONL: one metadata object per line."""
+    Path(path).write_text("".join(json.dumps(m) + "\n" for m in items))
+
+
+def validate_metadata(meta: dict[str, Any]) -> None:
+    """Raise ValueError if a metadata line does not follow the world's GenEval schema."""
+    if meta.get("tag") not in TAGS:
+        raise ValueError(f"metadata tag {meta.get('tag')!r} is not one of {TAGS}")
+    if not isinstance(meta.get("prompt"), str) or not meta["prompt"]:
+        raise ValueError("metadata needs a non-empty 'prompt'")
+    inc = meta.get("include")
+    if not isinstance(inc, list) or not inc:
+        raise ValueError("metadata needs a non-empty 'include' list")
+    for i, c in enumerate(inc + meta.get("exclude", [])):
+        if c.get("class") not in SHAPES:
+            raise ValueError(f"clause {i}: class {c.get('class')!r} is not one of {SHAPES}")
+        if not isinstance(c.get("count"), int) or not 1 <= c["count"] <= 5:
+            raise ValueError(f"clause {i}: count must be an integer in 1..5")
+        if "color" in c and c["color"] not in COLORS:
+            raise ValueError(f"clause {i}: color {c['color']!r} is not one of {tuple(COLORS)}")
+        if "position" in c:
+            rel, ref = c["position"]
+            if rel not in RELATIONS or not 0 <= ref < i:
+                raise ValueError(f"clause {i}: bad position {c['position']!r}")
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    x0: int  # bounding box, inclusive-exclusive
+    y0: int
+    side: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x0 + self.side, self.y0 + self.side
+
+    @property
+    def tight_box(self) -> tuple[int, int, int, int]:
+        """Box of the drawn pixels (what a detector sees)."""
+        ys, xs = np.nonzero(shape_mask(self.shape, self.side))
+        return (self.x0 + xs.min(), self.y0 + ys.min(), self.x0 + xs.max() + 1, self.y0 + ys.max() + 1)
+
+
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """Boolean (side, side) mask of a shape filling its box (no anti-aliasing)."""
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    if shape == "square":
+        return np.ones((side, side), bool)
+    if shape == "circle":
+        r = side / 2
+        return (xx - r) ** 2 + (yy - r) ** 2 <= r * r
+    if shape == "triangle":  # apex up, base at the bottom
+        return np.abs(xx - side / 2) <= yy / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw(objs: list[Obj]) -> np.ndarray:
+    """(SIZE, SIZE, 3) uint8 image of the objects on the white background."""
+    img = np.empty((SIZE, SIZE, 3), np.uint8)
+    img[:] = BACKGROUND
+    for o in objs:
+        m = shape_mask(o.shape, o.side)
+        img[o.y0 : o.y0 + o.side, o.x0 : o.x0 + o.side][m] = COLORS[o.color]
+    return img
+
+
+def _free(box, placed) -> bool:
+    x0, y0, x1, y1 = box
+    for o in placed:
+        a0, b0, a1, b1 = o.box
+        if x0 < a1 + GAP and a0 < x1 + GAP and y0 < b1 + GAP and b0 < y1 + GAP:
+            return False
+    return True
+
+
+def relation_holds(a: Obj, b: Obj, rel: str) -> bool:
+    from flowpo.tasks.shapes.detect import relative_position
+
+    return rel in relative_position(a.tight_box, b.tight_box)
+
+
+def scene_for(meta: dict[str, Any], rng: random.Random, max_tries: int = 200) -> list[Obj]:
+    """Random scene satisfying the metadata (counts, colours, relations, no touching objects)."""
+    wanted: list[tuple[str, str | None, int]] = []  # (shape, colour, include index)
+    for i, c in enumerate(meta["include"]):
+        wanted += [(c["class"], c.get("color"), i)] * c["count"]
+    for _ in range(max_tries):
+        placed: list[Obj] = []
+        owner: list[int] = []
+        ok = True
+        for shape, color, idx in wanted:
+            for _ in range(50):
+                side = rng.randint(MIN_SIDE, MAX_SIDE)
+                o = Obj(
+                    shape,
+                    color or rng.choice(list(COLORS)),
+                    rng.randint(0, SIZE - side),
+                    rng.randint(0, SIZE - side),
+                    side,
+                )
+                if not _free(o.box, placed):
+                    continue
+                pos = meta["include"][idx].get("position")
+                if pos and not all(
+                    relation_holds(o, ref, pos[0])
+                    for ref, own in zip(placed, owner)
+                    if own == pos[1]
+                ):
+                    continue
+                placed.append(o)
+                owner.append(idx)
+                break
+            else:
+                ok = False
+                break
+        if ok:
+            return placed
+    raise RuntimeError(f"could not place a scene for {meta['prompt']!r}")
+
+
+def render(meta: dict[str, Any], seed: int) -> np.ndarray:
+    """Ground-truth image for a prompt's metadata; the same (prompt, seed) gives the same image."""
+    rng = random.Random(f"{meta['prompt']}|{seed}")
+    return draw(scene_for(meta, rng))
