@@ -314,7 +314,7 @@ class Config:
                     + ", ".join(BUILTIN_SOURCES)
                 )
         path = self.model.path
-        if not path.startswith("tiny:") and not Path(path).is_dir():
+        if path != "shapes:base" and not path.startswith("tiny:") and not Path(path).is_dir():
             raise ConfigError(
                 f"model.path '{path}' does not exist; point it at a local diffusers model "
                 f"directory, or use tiny:sd3 / tiny:flux (or 'flowpo make-tiny sd3 DIR')"

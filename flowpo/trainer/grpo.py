@@ -43,6 +43,25 @@ class EpochData:
     group_ids: torch.Tensor  # (N,) global group ids
 
 
+SHAPES_BASE = Path(__file__).resolve().parents[1] / "tasks" / "shapes" / "base_model"
+
+
+def resolve_model_path(cfg: Config, run_dir: Path, build: bool = True) -> str:
+    """`shapes:base` -> the committed shapes-world base model; `tiny:FAMILY` -> a tiny random
+    model built under run_dir/base_model (by the caller that passes build=True); else the path."""
+    path = cfg.model.path
+    if path == "shapes:base":
+        return str(SHAPES_BASE)
+    if not path.startswith("tiny:"):
+        return path
+    from flowpo.models.tiny import make_tiny
+
+    out = run_dir / "base_model"
+    if build and not (out / "model_index.json").is_file():
+        make_tiny(path.split(":", 1)[1], str(out), seed=cfg.train.seed)
+    return str(out)
+
+
 def asdict_eval(res: EvalResult) -> dict:
     """The JSON-able numbers of an evaluation (kept in the trainer state for resume)."""
     return {
@@ -156,18 +175,10 @@ class GRPOTrainer:
         return box[0]
 
     def _model_path(self) -> str:
-        path = self.cfg.model.path
-        if not path.startswith("tiny:"):
-            return path
-        from flowpo.models.tiny import make_tiny
-
-        family = path.split(":", 1)[1]
-        out = self.run_dir / "base_model"
-        if self.rank == 0 and not (out / "model_index.json").is_file():
-            make_tiny(family, str(out), seed=self.cfg.train.seed)
+        out = resolve_model_path(self.cfg, self.run_dir, build=self.rank == 0)
         if self.world > 1:
             torch.distributed.barrier()
-        return str(out)
+        return out
 
     # -- one epoch --------------------------------------------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:

@@ -1,0 +1,125 @@
+"""Shapes world: prompt generator and splits, renderer, detector and GenEval-rule scorer."""
+
+import random
+
+import pytest
+import torch
+
+from flowpo.tasks.shapes.detect import detect, relative_position, score
+from flowpo.tasks.shapes.world import (
+    TAGS,
+    Obj,
+    all_prompts,
+    draw,
+    render,
+    splits,
+    validate_metadata,
+)
+
+
+def test_splits_are_disjoint_deterministic_and_cover_every_tag():
+    a, b = splits(), splits()
+    assert a == b
+    train = {m["prompt"] for m in a["train"]}
+    held = {m["prompt"] for m in a["heldout"]}
+    assert not train & held
+    assert train | held == {m["prompt"] for m in all_prompts()}
+    for tag in TAGS:
+        assert any(m["tag"] == tag for m in a["heldout"]), tag
+        assert any(m["tag"] == tag for m in a["train"]), tag
+    # every held-out word was seen in training prompts (held out = new combinations)
+    words = {w for p in train for w in p.split()}
+    assert all(w in words for p in held for w in p.split())
+
+
+def test_metadata_lines_validate_and_bad_ones_fail():
+    for m in all_prompts():
+        validate_metadata(m)
+    with pytest.raises(ValueError, match="tag"):
+        validate_metadata(
+            {"tag": "nope", "prompt": "x", "include": [{"class": "circle", "count": 1}]}
+        )
+    with pytest.raises(ValueError, match="color"):
+        validate_metadata(
+            {
+                "tag": "colors",
+                "prompt": "x",
+                "include": [{"class": "circle", "count": 1, "color": "pink"}],
+            }
+        )
+
+
+def test_render_is_deterministic_per_prompt_and_seed():
+    m = all_prompts()[0]
+    assert (render(m, 3) == render(m, 3)).all()
+    assert (render(m, 3) != render(m, 4)).any()
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_scorer_is_right_on_rendered_ground_truth(tag):
+    metas = [m for m in all_prompts() if m["tag"] == tag]
+    results = [
+        score(detect(render(m, s)), m) for m in metas for s in range(max(4, 240 // len(metas)))
+    ]
+    strict = [ok for ok, _, _ in results]
+    assert sum(strict) / len(strict) >= 0.99
+    assert all(sc == 1.0 for ok, sc, _ in results if ok)
+
+
+def _meta(prompt):
+    return next(m for m in all_prompts() if m["prompt"] == prompt)
+
+
+def test_known_failures_score_as_geneval_would():
+    # missing object
+    m = _meta("a photo of a circle and a square")
+    ok, sc, why = score(detect(draw([Obj("circle", "red", 2, 2, 10)])), m)
+    assert not ok and sc == 0.5 and "expected square>=1, found 0" in why[0]
+    # wrong colour
+    m = _meta("a photo of a red circle")
+    ok, sc, why = score(detect(draw([Obj("circle", "blue", 10, 10, 10)])), m)
+    assert not ok and sc == 0.5 and "expected red circle" in why[0]
+    # wrong count: counting needs exactly n (include >= n, exclude < n + 1)
+    m = _meta("a photo of two triangles")
+    three = [Obj("triangle", "green", x, 2, 9) for x in (0, 11, 22)]
+    ok, sc, why = score(detect(draw(three)), m)
+    assert not ok and sc == 0.5 and "expected triangle<3, found 3" in why[0]
+    ok, _, _ = score(detect(draw(three[:2])), m)
+    assert ok
+    # wrong side
+    m = _meta("a photo of a square left of a circle")
+    wrong = [Obj("square", "red", 20, 10, 10), Obj("circle", "blue", 2, 10, 10)]
+    ok, sc, why = score(detect(draw(wrong)), m)
+    assert not ok and abs(sc - 2 / 3) < 1e-9 and "left of" in why[0]
+    ok, sc2, _ = score(detect(draw(wrong)), m, position_failure_point=True)
+    assert not ok and sc2 == 1.0
+    right = [Obj("square", "red", 2, 10, 10), Obj("circle", "blue", 20, 10, 10)]
+    assert score(detect(draw(right)), m)[0]
+
+
+def test_relative_position_follows_geneval_rule():
+    assert relative_position((0, 0, 10, 10), (20, 0, 30, 10)) == {"left of"}
+    assert relative_position((0, 20, 10, 30), (0, 0, 10, 10)) == {"below"}
+    # nearly overlapping centres: within the 0.1 x size margin, no relation
+    assert relative_position((0, 0, 10, 10), (1, 1, 11, 11)) == set()
+
+
+def test_shapes_reward_contract():
+    from flowpo.rewards.base import WeightedReward
+
+    metas = [_meta("a photo of a red circle"), _meta("a photo of a red circle")]
+    imgs = [draw([Obj("circle", "red", 5, 5, 10)]), draw([Obj("circle", "blue", 5, 5, 10)])]
+    x = torch.from_numpy(__import__("numpy").stack(imgs)).permute(0, 3, 1, 2).float() / 255
+    out = WeightedReward({"shapes": 1.0})(x, [m["prompt"] for m in metas], metas)
+    assert out.scores.tolist() == [1.0, 0.5]
+    assert out.details["shapes/strict"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="needs GenEval metadata"):
+        WeightedReward({"shapes": 1.0})(x, ["a red circle"] * 2, [{}, {}])
+
+
+def test_detector_ignores_specks():
+    rng = random.Random(0)
+    img = draw([])
+    for _ in range(20):
+        img[rng.randrange(32), rng.randrange(32)] = (220, 30, 30)
+    assert detect(img) == []
