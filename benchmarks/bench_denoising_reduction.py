@@ -1,8 +1,8 @@
 """Denoising-reduction benchmark: what the rollout plans save per epoch, measured side by side.
 
-    python benchmarks/bench_denoising_reduction.py                 # ~4 min on 2 CPU cores
-    python benchmarks/bench_denoising_reduction.py --rounds 5 --batch 16
-    deepspeed --num_gpus 1 benchmarks/bench_denoising_reduction.py  # one GPU (same code)
+    python benchmarks/bench_denoising_reduction.py                  # ~3 min on a 2-core CPU
+    python benchmarks/bench_denoising_reduction.py --rounds 6 --threads 2
+    deepspeed --num_gpus 1 benchmarks/bench_denoising_reduction.py   # one GPU (same code)
 
 One tiny-but-not-trivial SD3-family model (4 joint blocks of width 128, 64 px images: 16x16
 latent patches + 32 text tokens per row, LoRA rank 8), the same prompts, seeds and group size
@@ -12,7 +12,8 @@ the real trainer (`GRPOTrainer.rollout` / `update`, DeepSpeed, one rank):
     full        Flow-GRPO, T = 10, SDE at steps 0-8, all 9 trained
     window_w2   Flow-GRPO-Fast window of 2 SDE steps (random in the first half), 2 trained
     window_w1   window of 1
-    branch_w2   one ODE prefix per prompt to the branch step, G branches, 2 SDE steps
+    branch_w2   one ODE prefix per prompt to step 2 (fixed here, so that every round costs the
+                same), G branches, 2 SDE steps
     entropy     E-GRPO, tau = 0.5 nats: branch points 0,1,2,3 and 4-5 merged (5 per prompt)
     sample_T40  the full plan's sampling phase at T = 40 (evaluation-like step count)
 
@@ -25,6 +26,11 @@ speedup over `full` is the ratio of counted rows (training rows carry forward + 
 reward phase scales with the images decoded), and the predicted total combines full's measured
 phase times with those ratios. The measured training speedups must land within 20% of their
 predictions: that is the check that the trainer adds no overhead the counted passes miss.
+
+Threads: one intra-op thread by default. On a 2-core machine that other jobs share, two OpenMP
+threads wait at every barrier for whichever was descheduled, and a forward that takes 10 ms
+took anywhere from 10 to 700 ms; with one thread the time per row is linear in the rows and
+repeats within a few percent. On an idle machine `--threads 2` is faster and as stable.
 
 Rows are written to benchmarks/results/denoising_reduction.csv (replaced per run) with device,
 versions and commit; the chart to denoising_reduction.png.
@@ -57,7 +63,7 @@ CASES = [  # name, what, overrides
     ("full", "Flow-GRPO: T=10, 9 SDE steps trained", ["--rollout.plan=full"]),
     ("window_w2", "window w=2 (Flow-GRPO-Fast)", ["--rollout.plan=window", "--rollout.window_size=2"]),
     ("window_w1", "window w=1", ["--rollout.plan=window", "--rollout.window_size=1"]),
-    ("branch_w2", "branch w=2: shared prefix", ["--rollout.plan=branch", "--rollout.window_size=2"]),
+    ("branch_w2", "branch at step 2, w=2: shared prefix", ["--rollout.plan=branch", "--rollout.window_size=2", "--rollout.window_placement=fixed", "--rollout.window_range=2,5"]),
     ("entropy", "E-GRPO, tau=0.5: 5 branch points", ["--rollout.plan=entropy", "--rollout.entropy_tau=0.5"]),
     ("sample_T40", "sampling only, T=40 (vs 10)", ["--rollout.plan=full", "--sampling.num_steps=40"]),
 ]  # fmt: skip
@@ -107,6 +113,16 @@ def commit() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Case:
@@ -179,18 +195,21 @@ class Case:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (plus one warm-up)")
+    ap.add_argument("--rounds", type=int, default=4, help="measured rounds (plus one warm-up)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see above)")
     ap.add_argument("--batch", type=int, default=16, help="images per epoch (one batch)")
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "model")
         cases = [Case(*c, model, Path(tmp) / "runs", args.batch, args.group) for c in CASES]
+        torch.set_num_threads(args.threads)  # in case a library reset it during setup
         for r in range(args.rounds + 1):  # round 0 warms up (allocator, kernels, caches)
             for c in cases:
                 c.epoch(r, record=r > 0)
@@ -211,8 +230,7 @@ def report(cases: list[Case], args) -> list[dict]:
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "commit": commit(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-        or platform.machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rounds": args.rounds,
@@ -227,11 +245,17 @@ def report(cases: list[Case], args) -> list[dict]:
         }
         only_sampling = c.name in SAMPLING_ONLY
         total = sum(med.values())
-        pred_time = sum(f[p] / pred[p] for p in ("sample", "reward") + (() if only_sampling else ("train",)))
+        pred_time = sum(
+            f[p] / pred[p] for p in ("sample", "reward") + (() if only_sampling else ("train",))
+        )
         row = {
             "case": c.name,
             "what": c.what,
-            "trained_steps": c.plan.trained,
+            "trained": "-"
+            if only_sampling
+            else " ".join(
+                str(k) if b == k + 1 else f"{k}-{b - 1}" for k, b in c.plan.transitions()
+            ),
             "images": c.images,
             "sample_rows": c.rows["sample"],
             "train_rows": c.rows["train"],
@@ -259,6 +283,7 @@ def report(cases: list[Case], args) -> list[dict]:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
+
         def x(a, b):
             return "" if a != a else f"{a:5.2f} ({b:5.2f})"
 

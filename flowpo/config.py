@@ -52,12 +52,17 @@ class SamplingConfig:
     """mean (published per-element mean) | sum (true log-density)."""
     cps_legacy_scale: bool = False
     """CPS only: published log p = -mean((x'-mu)^2) scale (pairs with clip 1e-5)."""
+    shift: float = 0.0
+    """Training-rollout schedule: 0 = the model's own (static shift for SD3, resolution-dependent
+    for FLUX); > 0 = static shift s*sigma/(1+(s-1)*sigma) of linspace(1, 0, T+1), as DanceGRPO
+    and E-GRPO sample FLUX (s = 3). Evaluation always uses the model's own schedule."""
 
 
 @dataclass
 class RolloutConfig:
     plan: str = "full"
-    """Rollout plan name (registry in trainer/rollout.py)."""
+    """Rollout plan (registry in trainer/plans.py): full (Flow-GRPO) | window (Flow-GRPO-Fast,
+    MixGRPO) | branch (shared ODE prefix, then G branches) | entropy (E-GRPO)."""
     group_size: int = 4
     """G: images per prompt."""
     batch_size: int = 16
@@ -65,7 +70,25 @@ class RolloutConfig:
     num_batches: int = 2
     """Sampling batches per rank per epoch."""
     timestep_fraction: float = 1.0
-    """Share of the SDE steps that are trained (first floor(T*fraction))."""
+    """full plan: share of the SDE steps that are trained (first floor(T*fraction))."""
+    window_size: int = 2
+    """window / branch plans: w, the SDE steps (stored and trained) after the window start."""
+    window_range: list[int] = field(default_factory=list)
+    """[lo, hi): steps where the window (window, branch) or E-GRPO's branch points (entropy) may
+    lie; empty = [0, T // 2], Flow-GRPO-Fast's sde_window_range. hi <= T - 1."""
+    window_placement: str = "random"
+    """random (per sampling batch, Flow-GRPO-Fast) | progressive (moves with training, MixGRPO)
+    | fixed (at window_range[0])."""
+    window_shift_every: int = 25
+    """progressive: epochs between window moves."""
+    window_shift_stride: int = 1
+    """progressive: steps the window moves each time (it stops at the end of the range)."""
+    entropy_tau: float = 0.5
+    """entropy plan: threshold tau on a transition's per-dimension entropy
+    h/D = log(2*pi*e*std^2)/2 in nats; consecutive steps merge until they reach it. 0.5 nats
+    is std ~ 0.40 (unit noise has 1.42). E-GRPO's tau = 2.2 is in units it does not define."""
+    entropy_merge_length: int = 0
+    """entropy plan: 0 = adaptive merging by entropy_tau; > 0 = merge this many steps each."""
     prompt_file: str = ""
     """Text file with one prompt per line; empty = `prompts` below."""
     prompts: list[str] = field(
@@ -112,6 +135,19 @@ class TrainConfig:
     """Drop groups whose rewards are all equal from the update."""
     kernels: str = "auto"
     """Re-scoring/loss kernels: auto (Triton on CUDA, torch elsewhere) | triton | torch."""
+    ratio_norm: bool = False
+    """GRPO-Guard RatioNorm: log-ratio = mean_D(eps * (mu_theta - mu_old)), eps the rollout
+    noise; the rollout stores its SDE means for it (ALGORITHMS.md §5)."""
+    gradient_reweight: bool = False
+    """GRPO-Guard: divide each step's policy loss by |dt| (squared batch mean of sqrt|dt|)."""
+    ema: bool = False
+    """Keep an EMA of the trainable weights; evaluation and trainable_ema.safetensors use it."""
+    ema_decay: float = 0.9
+    """EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay)."""
+    ema_update_interval: int = 8
+    """Update the EMA every N optimizer steps (Flow-GRPO: 8)."""
+    ema_warmup: bool = True
+    """Ramp the decay from 0.1 with min((1 + n) / (10 + n), decay), n = optimizer steps."""
     lora: bool = True
     """LoRA through peft (default) or full fine-tuning."""
     lora_rank: int = 8
@@ -192,6 +228,7 @@ _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("sampling", "sde_type"): ("flow", "cps", "dance"),
     ("sampling", "logprob_reduce"): ("mean", "sum"),
+    ("rollout", "window_placement"): ("random", "progressive", "fixed"),
     ("train", "kl_estimator"): ("flow_grpo", "exact"),
     ("train", "kernels"): ("auto", "triton", "torch"),
     ("engine", "zero_stage"): (0, 2, 3),
@@ -237,14 +274,21 @@ class Config:
     def samples_per_rank(self) -> int:
         return self.rollout.batch_size * self.rollout.num_batches
 
-    def derived_sizes(self, world_size: int, num_trained_steps: int) -> dict[str, int]:
-        """Sizes implied by the config for a given world size and trained-steps count K."""
+    def derived_sizes(
+        self, world_size: int, num_trained_steps: int, images_per_sample: int = 1
+    ) -> dict[str, int]:
+        """Sizes implied by the config for a world size, the plan's trained transitions per
+        sample K and images per sample R (K for E-GRPO's per-transition branches, else 1).
+
+        The update makes K backward calls per micro-batch (one per trained transition), so
+        DeepSpeed's gradient_accumulation_steps is (samples per optimizer step / micro-batch)
+        x K: the optimizer steps exactly at the end of each share of the epoch."""
         per_rank = self.samples_per_rank()
         per_step = per_rank // self.train.steps_per_epoch
         mb = self.micro_batch_size
         return {
             "world_size": world_size,
-            "images_per_epoch": per_rank * world_size,
+            "images_per_epoch": per_rank * world_size * images_per_sample,
             "prompts_per_epoch": per_rank * world_size // self.rollout.group_size,
             "group_size": self.rollout.group_size,
             "samples_per_rank_per_optimizer_step": per_step,
@@ -338,6 +382,18 @@ class Config:
             )
         if t.beta < 0:
             raise ConfigError(f"train.beta ({t.beta}) must be >= 0")
+        PLAN_REGISTRY[r.plan].check_config(self)
+        if t.ratio_norm and s.cps_legacy_scale:
+            raise ConfigError(
+                "train.ratio_norm needs Gaussian log-probs (its closed form is their identity); "
+                "set sampling.cps_legacy_scale=false or train.ratio_norm=false"
+            )
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay ({t.ema_decay}) must be in [0, 1)")
+        if t.ema_update_interval < 1:
+            raise ConfigError(f"train.ema_update_interval ({t.ema_update_interval}) must be >= 1")
+        if s.shift < 0:
+            raise ConfigError(f"sampling.shift ({s.shift}) must be >= 0 (0 = the model's own)")
 
 
 # -- loading ---------------------------------------------------------------------------------

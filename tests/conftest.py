@@ -13,7 +13,8 @@ ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
     "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    # one thread: on 2 shared cores, 2 OpenMP threads stall badly whenever anything else runs
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
 }
 for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(key, None)

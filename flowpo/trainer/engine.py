@@ -182,6 +182,11 @@ class Engine:
     def step(self) -> None:
         self.module.step()  # steps the optimizer only at the accumulation boundary
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (DeepSpeed counts only accumulation boundaries)."""
+        return int(self.module.global_steps)
+
     def grad_norm(self) -> float:
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -82,7 +82,8 @@ def run_eval(adapter, reward, cfg: Config, *, show_progress: bool = False) -> Ev
             sel = torch.tensor([t == tag for t in tags])
             res.accuracy[tag] = float(ok[sel].mean())
             res.counts[tag] = int(sel.sum())
-        res.accuracy["overall"] = float(ok.mean())
+        # GenEval's overall score is the mean of the per-tag accuracies (tags weigh equally)
+        res.accuracy["overall"] = sum(res.accuracy.values()) / len(res.accuracy)
         res.counts["overall"] = len(pairs)
     return res
 

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -24,10 +24,22 @@ from flowpo.config import Config
 from flowpo.rewards.base import WeightedReward
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
+from flowpo.trainer.ema import EMA
 from flowpo.trainer.evaluation import EvalResult, accuracy_table, run_eval, save_eval_grid
 from flowpo.trainer.logging import RunLogger, plot_curves, print0, progress
-from flowpo.trainer.losses import clipped_policy_loss, kl_to_reference
-from flowpo.trainer.rollout import Rollout, build_plan, sample_rollout
+from flowpo.trainer.losses import (
+    clipped_policy_loss,
+    gradient_reweight_factor,
+    kl_to_reference,
+    ratio_norm_log_ratio,
+)
+from flowpo.trainer.rollout import (
+    Rollout,
+    build_plan,
+    rollout_sigmas,
+    sample_rollout,
+    shared_anchor_forward,
+)
 from flowpo.trainer.sde import sde_step_with_logprob
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,10 +49,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EpochData:
     items: list  # (N,) PromptItem of this rank
     embeds: object  # PromptEmbeds, N rows
-    rollout: Rollout  # N samples x K trained steps
-    rewards: torch.Tensor  # (N,) weighted reward
-    details: dict[str, torch.Tensor]  # reward name -> (N,)
-    group_ids: torch.Tensor  # (N,) global group ids
+    rollout: Rollout  # N samples x K trained transitions, R images each
+    rewards: torch.Tensor  # (N*R,) weighted reward per image, sample-major
+    details: dict[str, torch.Tensor]  # reward name -> (N*R,)
+    group_ids: torch.Tensor  # (N*R,) advantage groups: prompt draw x R (E-GRPO: branch point)
+    metrics: dict[str, float] = field(default_factory=dict)  # phase times, plan placement
 
 
 SHAPES_BASE = Path(__file__).resolve().parents[1] / "tasks" / "shapes" / "base_model"
@@ -103,6 +116,7 @@ class GRPOTrainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
+        from flowpo.kernels import resolve_backend
         from flowpo.models.base import load_adapter
         from flowpo.trainer.engine import Engine, init_distributed
 
@@ -110,6 +124,7 @@ class GRPOTrainer:
         self.rank, self.world, local_rank = init_distributed()
         cfg.validate(self.world)
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        self.kernel_backend = resolve_backend(cfg.train.kernels, self.device)  # re-scoring path
         self.show = cfg.logging.progress and self.rank == 0
         self.run_dir = resolve_run_dir(cfg, self.rank, self._broadcast)
         if self.rank == 0:
@@ -136,8 +151,8 @@ class GRPOTrainer:
             metadata=metas,
         )
         self.plan = build_plan(cfg)
-        self.num_trained = len(self.plan.step_plan(cfg.sampling.num_steps, 0).trained)
-        self.sizes = cfg.derived_sizes(self.world, self.num_trained)
+        self.num_trained, self.images_per_sample = self._plan_shape()
+        self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
         self.engine = Engine(
             cfg,
             self.adapter.trainable_module,
@@ -187,35 +202,58 @@ class GRPOTrainer:
             seed = (seed * 1_000_003 + k + 7) % (2**61 - 1)
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def _schedule(self) -> torch.Tensor:
+        """(T+1,) sigmas of training rollouts; sets Flow-SDE's sigma_max (used by _rescore)."""
+        probe = self.adapter.initial_noise(1, self._generator(-1))
+        sigmas = rollout_sigmas(self.adapter, self.cfg, probe)
+        # Flow-SDE's substitute for sigma == 1 (used again when re-scoring in update())
+        self.sigma_max = float(sigmas[1])
+        return sigmas
+
+    def _plan_shape(self) -> tuple[int, int]:
+        """(K trained transitions, R images) per sample; the same for every epoch and batch."""
+        plan = self.plan.step_plan(self._schedule(), 0, 0)
+        return len(plan.trained), plan.images_per_sample
+
+    def _score(self, images, prompts, metadata):
+        """The reward on a worker thread, timed: (RewardOutput, seconds)."""
+        t0 = time.perf_counter()
+        out = self.reward(images, prompts, metadata)
+        return out, time.perf_counter() - t0
+
     def rollout(self, epoch: int) -> EpochData:
+        """Sample the epoch's batches under the plan's declaration; score images on workers."""
         cfg = self.cfg
-        items = self.sampler.epoch_items(epoch)
+        items = self.sampler.epoch_items(epoch, contiguous_groups=self.plan.shares_prefix)
         embeds = self.adapter.encode_prompts([it.prompt for it in items])
         bs = cfg.rollout.batch_size
         gen = self._generator(epoch, self.rank)
-        probe = self.adapter.initial_noise(1, self._generator(-1))
-        sigmas = self.adapter.sigmas(cfg.sampling.num_steps, probe)
-        # Flow-SDE's substitute for sigma == 1 (used again when re-scoring in update())
-        self.sigma_max = float(sigmas[1])
-        step_plan = self.plan.step_plan(cfg.sampling.num_steps, epoch)
+        sigmas = self._schedule()
         self.engine.module.eval()
-        parts, futures = [], []
+        parts, futures, t_sample, t_decode, firsts = [], [], 0.0, 0.0, []
         batches = progress(
             range(cfg.rollout.num_batches), desc=f"sample {epoch}", enabled=self.show
         )
         for b in batches:
             idx = list(range(b * bs, (b + 1) * bs))
+            step_plan = self.plan.step_plan(sigmas, epoch, b)
+            firsts.append(step_plan.trained[0])
+            t0 = time.perf_counter()
             ro = sample_rollout(self.adapter, embeds.index(idx), step_plan, sigmas, cfg, gen)
-            images = self.adapter.decode(ro.final_latents)
-            sub = [items[i] for i in idx]
+            t1 = time.perf_counter()
+            images = self.adapter.decode(ro.final_latents.flatten(0, 1))  # (bs*R, 3, H, W)
+            t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1
+            sub = [items[i] for i in idx for _ in range(ro.images_per_sample)]
             # score on a worker thread while the next batch samples
             futures.append(
                 self.pool.submit(
-                    self.reward, images, [it.prompt for it in sub], [it.metadata for it in sub]
+                    self._score, images, [it.prompt for it in sub], [it.metadata for it in sub]
                 )
             )
             parts.append(ro)
-        outs = [f.result() for f in futures]
+        t_wait = time.perf_counter()
+        outs, secs = zip(*[f.result() for f in futures])
+        r = parts[0].images_per_sample
         details = {k: torch.cat([o.details[k] for o in outs]) for k in outs[0].details}
         return EpochData(
             items=items,
@@ -223,7 +261,14 @@ class GRPOTrainer:
             rollout=Rollout.cat(parts),
             rewards=torch.cat([o.scores for o in outs]),
             details=details,
-            group_ids=torch.tensor([it.group_id for it in items]),
+            group_ids=torch.tensor([it.group_id * r + i for it in items for i in range(r)]),
+            metrics={
+                "time/sample_s": t_sample,
+                "time/decode_s": t_decode,
+                "time/reward_s": float(sum(secs)),  # on workers, overlapping sampling
+                "time/reward_wait_s": time.perf_counter() - t_wait,
+                "rollout/first_trained_step": float(np.mean(firsts)),
+            },
         )
 
     def advantages(self, data: EpochData) -> tuple[torch.Tensor, dict[str, float]]:
@@ -255,7 +300,14 @@ class GRPOTrainer:
     def _rescore(self, ro: Rollout, j: int, embeds) -> object:
         s = self.cfg.sampling
         v = self.adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
-        return sde_step_with_logprob(
+        step = sde_step_with_logprob
+        extra = {}
+        if getattr(self, "kernel_backend", "torch") == "triton":
+            from flowpo.kernels import fused_sde_step as step  # same numbers, one fused pass
+
+            # the mean is written only for its readers: the KL term and RatioNorm
+            extra["mean_out"] = self.cfg.train.beta > 0 or self.cfg.train.ratio_norm
+        return step(
             ro.latents[:, j],
             v,
             ro.sigmas[:, j],
@@ -266,56 +318,126 @@ class GRPOTrainer:
             reduce=s.logprob_reduce,
             sigma_max=self.sigma_max,
             cps_legacy_scale=s.cps_legacy_scale,
+            **extra,
         )
 
-    def update(self, data: EpochData, adv: torch.Tensor, epoch: int) -> dict[str, float]:
+    def _loss(self, sub: Rollout, j: int, emb, adv: torch.Tensor):
+        """Loss and stats of trained transition j of a micro-batch. Rows sharing an anchor
+        (branches off one latent) share one transformer forward."""
         cfg, t = self.cfg, self.cfg.train
+        with shared_anchor_forward(self.adapter, sub.anchors[:, j]):
+            step = self._rescore(sub, j, emb)
+            if t.beta > 0:
+                with torch.no_grad(), self._reference_policy():
+                    ref = self._rescore(sub, j, emb)
+        dt = sub.sigmas_next[:, j] - sub.sigmas[:, j]
+        if t.ratio_norm:  # GRPO-Guard: ratio = exp(mean_D(eps * dmu)), old log-ratio 0
+            logp = ratio_norm_log_ratio(
+                sub.next_latents[:, j],
+                step.mean,
+                sub.means[:, j],
+                step.std,
+                reduce=cfg.sampling.logprob_reduce,
+            )
+            old = torch.zeros_like(logp)
+        else:
+            logp, old = step.log_prob, sub.log_probs[:, j]
+        weight = gradient_reweight_factor(dt).expand_as(adv) if t.gradient_reweight else None
+        loss, st = clipped_policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, weight=weight)
+        if t.beta > 0:
+            kl = kl_to_reference(
+                step.mean,
+                ref.mean,
+                step.std,
+                dt,
+                estimator=t.kl_estimator,
+                # the published estimator is defined on per-element means
+                reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
+            ).mean()
+            loss = loss + t.beta * kl
+            st["kl"] = kl.detach()
+        st["loss"] = loss.detach()
+        return loss, st
+
+    def update(self, data: EpochData, adv: torch.Tensor, epoch: int) -> dict[str, float]:
+        """Re-score every stored transition under the current policy; one backward per
+        (micro-batch, trained transition), so DeepSpeed steps at each accumulation boundary."""
+        t0 = time.perf_counter()
         ro = data.rollout
+        self._ema_update()  # builds the EMA from the weights before this epoch's first step
         self.engine.module.train()
-        n, mb = adv.numel(), self.sizes["micro_batch_size"]
+        n, r = ro.log_probs.shape[0], ro.images_per_sample
+        adv = adv.reshape(n, r)  # transition j of a sample is judged by its image min(j, R-1)
+        mb = self.sizes["micro_batch_size"]
         acc: dict[str, list[float]] = {}
+        first_dev = 0.0
         steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
         for start in steps:
             idx = list(range(start, start + mb))
-            sub, emb, a = ro.index(idx), data.embeds.index(idx), adv[idx].to(self.device)
-            for j in range(ro.log_probs.shape[1]):
-                step = self._rescore(sub, j, emb)
-                loss, st = clipped_policy_loss(
-                    step.log_prob, sub.log_probs[:, j], a, cfg.clip_low, cfg.clip_high
-                )
-                if t.beta > 0:
-                    with torch.no_grad(), self._reference_policy():
-                        ref = self._rescore(sub, j, emb)
-                    dt = sub.sigmas_next[:, j] - sub.sigmas[:, j]
-                    kl = kl_to_reference(
-                        step.mean,
-                        ref.mean,
-                        step.std,
-                        dt,
-                        estimator=t.kl_estimator,
-                        # the published estimator is defined on per-element means
-                        reduce="mean"
-                        if t.kl_estimator == "flow_grpo"
-                        else cfg.sampling.logprob_reduce,
-                    ).mean()
-                    loss = loss + t.beta * kl
-                    st["kl"] = kl.detach()
+            sub, emb = ro.index(idx), data.embeds.index(idx)
+            for j in range(ro.num_trained):
+                a = adv[idx, min(j, r - 1)].to(self.device)
+                loss, st = self._loss(sub, j, emb, a)
                 self.engine.backward(loss)
                 self.engine.step()
-                st["loss"] = loss.detach()
+                self._ema_update()
                 for k, v in st.items():
                     acc.setdefault(k, []).append(float(v))
-                if start == 0 and j == 0:
-                    acc["first_ratio_max_dev"] = [float(st["ratio_max_dev"])]
+                if start == 0:  # no optimizer step yet: the ratio must be exactly 1
+                    first_dev = max(first_dev, float(st["ratio_max_dev"]))
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
+        out["train/first_ratio_max_dev"] = first_dev
         out["train/grad_norm"] = self.engine.grad_norm()
+        out["time/train_s"] = time.perf_counter() - t0
+        out.update(data.metrics)
         return out
+
+    # -- EMA (train.ema) --------------------------------------------------------------------------
+    @property
+    def ema(self) -> EMA | None:
+        """EMA of the trainable weights when train.ema is on (built on first use), else None."""
+        t = self.cfg.train
+        if not t.ema:
+            return None
+        if getattr(self, "_ema", None) is None:
+            self._ema = EMA(
+                self.engine.module,
+                decay=t.ema_decay,
+                update_interval=t.ema_update_interval,
+                warmup=t.ema_warmup,
+            )
+            self._ema_seen = self.engine.optimizer_steps
+        return self._ema
+
+    def ema_scope(self):
+        """Context manager: the EMA weights inside the block (evaluation, export); a no-op
+        without train.ema. Usage: `with self.ema_scope(): res = run_eval(...)`."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _ema_update(self) -> None:
+        """Fold the weights into the EMA after each optimizer step (DeepSpeed steps only at the
+        accumulation boundary, so the step counter, not the call, decides)."""
+        if self.ema is None:
+            return
+        steps = self.engine.optimizer_steps
+        if steps != self._ema_seen:
+            self._ema_seen = steps
+            self.ema.update(steps)
+
+    def _save_ema(self, ckpt_dir: Path) -> None:
+        if self.ema is not None:
+            self.ema.save_checkpoint(ckpt_dir, self.rank, self.engine.trainable_state_dict)
+
+    def _load_ema(self, ckpt_dir: Path) -> None:
+        if self.ema is not None and self.ema.load_checkpoint(ckpt_dir, self.rank):
+            self._ema_seen = self.engine.optimizer_steps
 
     # -- evaluation, checkpoints -------------------------------------------------------------------
     def evaluate(self, tag: str, epoch: int) -> EvalResult:
         """ODE samples for the fixed (prompt, seed) pairs: reward, per-tag accuracy, grid PNG."""
         self.engine.module.eval()
-        res = run_eval(self.adapter, self.reward, self.cfg, show_progress=self.show)
+        with self.ema_scope():  # EMA weights (when train.ema) for evaluation
+            res = run_eval(self.adapter, self.reward, self.cfg, show_progress=self.show)
         if self.rank == 0:
             path = save_eval_grid(res, self.run_dir / f"samples_{tag}.png")
             if path is not None:
@@ -345,6 +467,7 @@ class GRPOTrainer:
             "torch": torch.get_rng_state(),
         }
         torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        self._save_ema(tmp)
         trainable = self.engine.trainable_state_dict()
         if self.rank == 0:
             from safetensors.torch import save_file
@@ -383,6 +506,7 @@ class GRPOTrainer:
             torch.set_rng_state(rng["torch"])
         self.start_epoch = int(client.get("epoch", state["epoch"])) + 1
         self.history = state.get("history", {})
+        self._load_ema(ckpt)
         print0(f"resumed from {ckpt} at epoch {self.start_epoch}", rank=self.rank)
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -111,3 +111,66 @@ def kl_to_reference(
     dt_t = torch.as_tensor(dt, dtype=torch.float32, device=mean.device)
     sigma_t = std_t / torch.sqrt(-dt_t)
     return sq / (2 * sigma_t.square())
+
+
+# -- GRPO-Guard (ALGORITHMS.md §5) ----------------------------------------------------------------
+
+
+def _reduce_d(t: Tensor, reduce: str) -> Tensor:
+    flat = t.reshape(t.shape[0], -1)
+    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)
+
+
+def ratio_norm_log_ratio(
+    prev_sample: Tensor,
+    mean: Tensor,
+    old_mean: Tensor,
+    std: Tensor,
+    *,
+    reduce: str = "mean",
+) -> Tensor:
+    """RatioNorm's normalised log-ratio, closed form: reduce_D(eps * (mu_theta - mu_old)).
+
+    prev_sample: (B, ...) the stored x'; mean: (B, ...) mu_theta, differentiable; old_mean:
+    (B, ...) mu_old stored at sampling; std: (B,) the step's std s (policy-independent).
+    eps = (x' - mu_old) / s is the rollout's own standard noise, so the result is zero-mean
+    under the rollout and of a scale that does not depend on the step's noise level. It equals
+    (logp_theta - logp_old + reduce_D(dmu^2) / (2 s^2)) * s for the Gaussian step with the same
+    `reduce` (`ratio_norm_long_form`), and is exactly 0 when mu_theta == mu_old. Returns (B,).
+    """
+    if not prev_sample.shape == mean.shape == old_mean.shape:
+        raise ValueError(
+            f"prev_sample {tuple(prev_sample.shape)}, mean {tuple(mean.shape)} and old_mean "
+            f"{tuple(old_mean.shape)} must match"
+        )
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce={reduce!r} is not supported; choose one of ['mean', 'sum']")
+    # float32: dmu is tiny next to x; the product must not round it away
+    old = old_mean.detach().float()
+    eps = (prev_sample.detach().float() - old) / std.detach().float().reshape(
+        (-1,) + (1,) * (mean.ndim - 1)
+    )
+    return _reduce_d(eps * (mean.float() - old), reduce)
+
+
+def ratio_norm_long_form(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    mean: Tensor,
+    old_mean: Tensor,
+    std: Tensor,
+    *,
+    reduce: str = "mean",
+) -> Tensor:
+    """(logp_theta - logp_old + reduce_D((mu_theta - mu_old)^2) / (2 s^2)) * s, (B,), in
+    float64: the definition RatioNorm's closed form is tested against (not used in training:
+    it cancels two large terms)."""
+    s = std.double()
+    dmu2 = _reduce_d((mean.double() - old_mean.double()).square(), reduce)
+    return (log_prob.double() - old_log_prob.double() + dmu2 / (2 * s.square())) * s
+
+
+def gradient_reweight_factor(dt: Tensor) -> Tensor:
+    """GRPO-Guard's per-step weight 1/|dt|, with |dt| of a batch taken as mean_B(sqrt|dt|)^2
+    (= |dt| when every sample shares the step). dt: (B,) sigma_next - sigma. Returns 0-dim."""
+    return 1.0 / torch.sqrt(dt.detach().float().abs()).mean().square()

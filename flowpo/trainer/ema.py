@@ -1,0 +1,126 @@
+"""Exponential moving average of the trainable weights, for evaluation and export.
+
+Flow-GRPO evaluates and exports an EMA of its LoRA weights (decay 0.9, updated every 8 steps,
+decay warmed up as min((1 + n) / (10 + n), decay)); flowpo offers the same, written from that
+description. The EMA holds float32 copies of the trainable parameters of this rank (under
+ZeRO-3, of this rank's shards), so it costs one extra copy of the trainable weights — small
+with LoRA — and never takes part in the training forward or backward.
+
+    ema = EMA(module, decay=0.9, update_interval=8)
+    ...after each optimizer step n (1, 2, ...):  ema.update(n)
+    with ema.applied():          # the module runs with the EMA weights inside the block
+        evaluate(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+def _data(p: nn.Parameter) -> Tensor:
+    # ZeRO-3 keeps a rank's shard in ds_tensor and leaves p.data an empty placeholder
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class EMA:
+    """EMA of the parameters of `module` that require grad (named, so it can be checkpointed)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        decay: float = 0.9,
+        update_interval: int = 1,
+        warmup: bool = True,
+    ):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"train.ema_decay ({decay}) must be in [0, 1)")
+        if update_interval < 1:
+            raise ValueError(f"train.ema_update_interval ({update_interval}) must be >= 1")
+        self.decay, self.update_interval, self.warmup = decay, update_interval, warmup
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("EMA: the module has no trainable parameters")
+        self.shadow = {n: _data(p).detach().float().clone() for n, p in self.params.items()}
+        self.num_updates = 0
+
+    def current_decay(self, step: int) -> float:
+        """Decay used at optimizer step `step`: min((1 + step) / (10 + step), decay) with
+        warmup (early updates follow the weights closely), else decay."""
+        return min((1 + step) / (10 + step), self.decay) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        """Call after optimizer step `step` (counted from 1); updates every update_interval
+        steps: shadow += (1 - decay) * (param - shadow). Returns whether it updated."""
+        if step % self.update_interval:
+            return False
+        one_minus = 1.0 - self.current_decay(step)
+        for n, p in self.params.items():
+            self.shadow[n].add_(_data(p).float() - self.shadow[n], alpha=one_minus)
+        self.num_updates += 1
+        return True
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module runs with the EMA weights inside the block; the training weights are
+        restored on exit (also after an exception)."""
+        saved = {}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                d = _data(p)
+                saved[n] = d.clone()
+                d.copy_(self.shadow[n].to(d.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    _data(p).copy_(saved[n])
+
+    def state_dict(self) -> dict:
+        return {
+            "shadow": {n: t.cpu() for n, t in self.shadow.items()},
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+        for n, t in state["shadow"].items():
+            if n in self.shadow:
+                self.shadow[n].copy_(t)
+        self.num_updates = int(state.get("num_updates", 0))
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def save_checkpoint(
+        self, ckpt_dir: Path, rank: int, export: Callable[[], dict[str, Tensor]]
+    ) -> None:
+        """This rank's state as ema_rank{rank}.pt (for resume) and, on rank 0, the EMA weights
+        as trainable_ema.safetensors, written by `export` (the trainer's trainable_state_dict,
+        run on every rank as ZeRO-3 gathers need) under `applied()`."""
+        self.save(Path(ckpt_dir) / f"ema_rank{rank}.pt")
+        with self.applied():
+            weights = export()
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(Path(ckpt_dir) / "trainable_ema.safetensors"))
+
+    def load_checkpoint(self, ckpt_dir: Path, rank: int) -> bool:
+        """Load ema_rank{rank}.pt from a checkpoint if it has one; returns whether it did."""
+        path = Path(ckpt_dir) / f"ema_rank{rank}.pt"
+        if path.is_file():
+            self.load(path)
+        return path.is_file()
