@@ -20,8 +20,9 @@ from flowpo.config import ConfigError, apply_overrides, config_from_dict, load_c
 
 TRAIN_HELP = """Run online RL (Flow-GRPO) on a flow-matching model.
 
-With no recipe it runs the CPU default: a tiny random SD3-family model trained with LoRA on the
-jpeg_incompressibility reward. Any config field can be overridden as --section.field=value
+With no recipe it runs the CPU default (configs/shapes.yaml): Flow-GRPO with LoRA on the shapes
+world, a miniature GenEval, from the committed tiny pixel-space SD3-family base model, and prints
+held-out strict accuracy per tag before and after. Any config field can be overridden as --section.field=value
 (sections: model, sampling, rollout, train, reward, engine, logging, eval, checkpoint), e.g.
   flowpo train -c configs/tiny_sd3_jpeg.yaml --train.epochs=5 --rollout.group_size=4
 Resume: --resume latest --logging.run_name=NAME, or --resume RUN/checkpoints/checkpoint-N."""
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train with Flow-GRPO (CPU default: tiny SD3 + jpeg reward)",
+        help="train with Flow-GRPO (CPU default: the shapes world, a miniature GenEval)",
         description=TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -79,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         "rendered (prompt, image) pairs of the training split and saves it to OUT_DIR.",
     )
     p2.add_argument("out_dir")
-    p2.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget")
-    p2.add_argument("--steps", type=int, default=0, help="stop after N steps (0 = time budget)")
+    p2.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap")
+    p2.add_argument(
+        "--steps", type=int, default=3000, help="optimizer steps (the committed base: 3000)"
+    )
     p2.add_argument("--batch-size", type=int, default=64)
     p2.add_argument("--lr", type=float, default=1e-3)
     p2.add_argument("--seed", type=int, default=0)
@@ -97,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The CPU default main job: Flow-GRPO on the shapes world (a miniature GenEval)
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
+
+
+def _recipe(path: str | None) -> str | None:
+    if path:
+        return path
+    return str(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
+
+
 def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
     """Recipe + overrides; on resume, the run's saved resolved config + overrides."""
     import yaml
@@ -104,9 +117,9 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
     from flowpo.trainer.grpo import find_checkpoint
 
     if args.resume is None:
-        return load_config(args.config, overrides)
+        return load_config(_recipe(args.config), overrides)
     if args.resume == "latest":
-        first = load_config(args.config, overrides)
+        first = load_config(_recipe(args.config), overrides)
         if not first.logging.run_name:
             raise ConfigError(
                 "--resume latest needs the run to continue: add --logging.run_name=NAME"
@@ -199,7 +212,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
     from flowpo.trainer.grpo import DTYPES, resolve_model_path
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(_recipe(args.config), overrides)
     if args.model:
         cfg.model.path = args.model
     cfg.validate()
@@ -216,8 +229,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         load_trainable(adapter, Path(args.checkpoint))
     res = run_eval(adapter, WeightedReward(cfg.reward.weights), cfg, show_progress=True)
     grid = save_eval_grid(res, out / "samples.png")
-    payload = {"model": cfg.model.path, "checkpoint": args.checkpoint, **res.metrics(),
-               "counts": res.counts, "num_samples": res.num_samples}
+    payload = {
+        "model": cfg.model.path,
+        "checkpoint": args.checkpoint,
+        **res.metrics(),
+        "counts": res.counts,
+        "num_samples": res.num_samples,
+    }
     (out / "eval.json").write_text(json.dumps(payload, indent=1))
     print(f"reward {res.reward_mean:.4f} ± {res.reward_std:.4f} over {res.num_samples} samples")
     if res.accuracy:
@@ -229,8 +247,15 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     from flowpo.tasks.shapes.pretrain import pretrain
 
-    pretrain(args.out_dir, minutes=args.minutes, steps=args.steps, batch_size=args.batch_size,
-             lr=args.lr, seed=args.seed, log=lambda m: print(m, flush=True))
+    pretrain(
+        args.out_dir,
+        minutes=args.minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        log=lambda m: print(m, flush=True),
+    )
     return 0
 
 

@@ -350,8 +350,10 @@ class Config:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
         from flowpo.trainer.data import BUILTIN_SOURCES
 
-        for key, value in (("rollout.prompt_file", r.prompt_file),
-                           ("eval.prompt_file", self.eval.prompt_file)):
+        for key, value in (
+            ("rollout.prompt_file", r.prompt_file),
+            ("eval.prompt_file", self.eval.prompt_file),
+        ):
             if value and value not in BUILTIN_SOURCES and not Path(value).is_file():
                 raise ConfigError(
                     f"{key} '{value}' does not exist; give a .txt/.jsonl file or one of: "

@@ -180,6 +180,15 @@ class Engine:
         self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
 
     def step(self) -> None:
+        if self.cfg.engine.zero_stage == 0 and self.module.is_gradient_accumulation_boundary():
+            # DeepSpeed reports no global norm without ZeRO; the full grads are local here
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                self._local_norm = float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                    )
+                )
         self.module.step()  # steps the optimizer only at the accumulation boundary
 
     @property
@@ -188,7 +197,10 @@ class Engine:
         return int(self.module.global_steps)
 
     def grad_norm(self) -> float:
+        """Norm of the last accumulated gradient (before clipping)."""
         norm = self.module.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_local_norm", None)
         return float(norm) if norm is not None else float("nan")
 
     @contextlib.contextmanager

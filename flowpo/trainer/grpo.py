@@ -446,7 +446,11 @@ class GRPOTrainer:
         acc = res.accuracy.get("overall")
         print0(
             f"eval [{tag}] reward {res.reward_mean:.4f} ± {res.reward_std:.4f}"
-            + (f" | strict accuracy {acc:.3f} ({res.num_samples} samples)" if acc is not None else ""),
+            + (
+                f" | strict accuracy {acc:.3f} ({res.num_samples} samples)"
+                if acc is not None
+                else ""
+            ),
             rank=self.rank,
         )
         return res
@@ -587,8 +591,13 @@ class GRPOTrainer:
                 rank=0,
             )
         if end.accuracy:
-            before = EvalResult(start["reward_mean"], start["reward_std"], start["num_samples"],
-                                start["accuracy"], start["counts"])
+            before = EvalResult(
+                start["reward_mean"],
+                start["reward_std"],
+                start["num_samples"],
+                start["accuracy"],
+                start["counts"],
+            )
             print0(f"strict accuracy per tag ({end.num_samples} samples):", rank=0)
             print0(accuracy_table(before, end), rank=0)
         print0(f"wall time {seconds:.0f}s; run directory: {self.run_dir}", rank=0)

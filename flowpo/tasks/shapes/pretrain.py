@@ -164,7 +164,9 @@ def pretrain(
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps
         v = pipe.transformer(
-            hidden_states=xt, encoder_hidden_states=pe, pooled_projections=pooled,
+            hidden_states=xt,
+            encoder_hidden_states=pe,
+            pooled_projections=pooled,
             timestep=sigma * 1000,
         ).sample
         loss = torch.mean((v - (eps - x0)) ** 2)
@@ -186,18 +188,34 @@ def pretrain(
             acc_cfg = quick_accuracy(pipe, sp["heldout"], [0, 1], guidance=3.0)
             for m in modules:
                 m.train()
-            history.append({"step": step, "loss": ema_loss, "heldout_acc": acc,
-                            "heldout_acc_cfg3": acc_cfg, "seconds": time.time() - t0})
-            log(f"step {step}: loss {ema_loss:.4f}, held-out strict acc (quick, 44 samples) "
-                f"{acc:.3f}, with CFG 3: {acc_cfg:.3f}, {time.time() - t0:.0f}s")
+            history.append(
+                {
+                    "step": step,
+                    "loss": ema_loss,
+                    "heldout_acc": acc,
+                    "heldout_acc_cfg3": acc_cfg,
+                    "seconds": time.time() - t0,
+                }
+            )
+            log(
+                f"step {step}: loss {ema_loss:.4f}, held-out strict acc (quick, 44 samples) "
+                f"{acc:.3f}, with CFG 3: {acc_cfg:.3f}, {time.time() - t0:.0f}s"
+            )
     bar.close()
     for m in modules:
         m.eval().requires_grad_(False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out))
-    summary = {"steps": step, "seconds": time.time() - t0, "batch_size": batch_size, "lr": lr,
-               "final_loss": ema_loss, "history": history, "seed": seed}
+    summary = {
+        "steps": step,
+        "seconds": time.time() - t0,
+        "batch_size": batch_size,
+        "lr": lr,
+        "final_loss": ema_loss,
+        "history": history,
+        "seed": seed,
+    }
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"saved base model to {out} after {step} steps ({summary['seconds']:.0f}s)")
     return summary

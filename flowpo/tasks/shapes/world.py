@@ -69,7 +69,11 @@ def all_prompts() -> list[dict[str, Any]]:
             )
     for s in SHAPES:
         for c in COLORS:
-            add("colors", f"a photo of {_article(c)} {c} {s}", [{"class": s, "count": 1, "color": c}])
+            add(
+                "colors",
+                f"a photo of {_article(c)} {c} {s}",
+                [{"class": s, "count": 1, "color": c}],
+            )
     for a in SHAPES:
         for b in SHAPES:
             if a == b:
@@ -156,7 +160,12 @@ class Obj:
     def tight_box(self) -> tuple[int, int, int, int]:
         """Box of the drawn pixels (what a detector sees)."""
         ys, xs = np.nonzero(shape_mask(self.shape, self.side))
-        return (self.x0 + xs.min(), self.y0 + ys.min(), self.x0 + xs.max() + 1, self.y0 + ys.max() + 1)
+        return (
+            self.x0 + xs.min(),
+            self.y0 + ys.min(),
+            self.x0 + xs.max() + 1,
+            self.y0 + ys.max() + 1,
+        )
 
 
 def shape_mask(shape: str, side: int) -> np.ndarray:
