@@ -21,7 +21,7 @@ def test_shapes_job_and_eval(tmp_path):
         "--logging.run_name=rl",
         "--logging.wandb=off",
         "--train.epochs=2",
-        "--rollout.num_batches=1",
+        "--rollout.num_batches=2",
         "--eval.every=1",
         "--eval.num_prompts=6",
         "--eval.seeds=0,1",
