@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -553,7 +552,3 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         for name, value in values.items():
             set_value(cfg, f"{section}.{name}", value)
     return cfg
-
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), indent=1)

@@ -39,3 +39,24 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: make_tiny(fam, str(root / fam), seed=0) for fam in ("sd3", "flux")}
+
+
+def add_active_lora(adapter, seed: int = 0):
+    """Add a peft LoRA (r 4) on the adapter's targets with random B != 0, so the adapters
+    change the output; the base weights are frozen. Returns the trainable module."""
+    import torch
+    from peft import LoraConfig
+
+    module = adapter.trainable_module
+    module.requires_grad_(False)
+    module.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=adapter.lora_targets
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return module

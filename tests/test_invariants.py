@@ -8,24 +8,7 @@ from flowpo.config import load_config
 from flowpo.models.base import load_adapter
 from flowpo.trainer.rollout import build_plan, sample_rollout
 from flowpo.trainer.sde import sde_step_with_logprob
-
-
-def _lora(adapter, seed=0):
-    from peft import LoraConfig
-
-    module = adapter.trainable_module
-    module.requires_grad_(False)
-    module.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=adapter.lora_targets
-        )
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # make the adapters matter: B != 0
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
+from tests.conftest import add_active_lora
 
 
 @pytest.mark.parametrize(
@@ -36,7 +19,7 @@ def test_first_update_ratio_is_exactly_one(tiny_dirs, family, guidance, sde_type
     cfg = load_config(None, [f"--sampling.sde_type={sde_type}", "--sampling.num_steps=6"])
     adapter = load_adapter(family, tiny_dirs[family], guidance_scale=guidance)
     adapter.freeze_frozen_parts()
-    module = _lora(adapter)
+    module = add_active_lora(adapter)
     if family == "sd3" and guidance > 1:
         assert adapter.cfg_active
     embeds = adapter.encode_prompts(["a red circle", "two blue squares"] * 2)

@@ -26,7 +26,7 @@ from flowpo.trainer.rollout import (
     shared_anchor_forward,
 )
 from flowpo.trainer.sde import sde_std, sde_step_with_logprob, shift_sigmas
-from tests.conftest import ENV, ROOT
+from tests.conftest import ENV, ROOT, add_active_lora
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -36,24 +36,6 @@ def _cfg(plan, *extra):
         None,
         [f"--rollout.plan={plan}", "--sampling.num_steps=6", "--rollout.group_size=2", *extra],
     )
-
-
-def _lora(adapter, seed=0):
-    from peft import LoraConfig
-
-    module = adapter.trainable_module
-    module.requires_grad_(False)
-    module.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=adapter.lora_targets
-        )
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # make the adapters matter: B != 0
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def _grouped_embeds(adapter, g=2):
@@ -288,7 +270,7 @@ def test_first_rescore_ratio_is_exactly_one_on_every_plan(tiny_dirs, plan_name, 
     cfg = _cfg(plan_name, *PLAN_ARGS[plan_name], "--train.ratio_norm=true")
     adapter = load_adapter(family, tiny_dirs[family], guidance_scale=guidance)
     adapter.freeze_frozen_parts()
-    module = _lora(adapter)
+    module = add_active_lora(adapter)
     assert family != "sd3" or adapter.cfg_active
     embeds = _grouped_embeds(adapter)
     sigmas = rollout_sigmas(adapter, cfg, adapter.initial_noise(1, torch.Generator()))
@@ -319,7 +301,7 @@ def test_first_rescore_ratio_is_exactly_one_on_every_plan(tiny_dirs, plan_name, 
 
 
 def test_shared_anchor_forward_runs_one_forward_per_prompt_with_gradients(sd3):
-    module = _lora(sd3)
+    module = add_active_lora(sd3)
     embeds = _grouped_embeds(sd3, g=3)  # 2 prompts x 3 branches
     x = sd3.initial_noise(2, torch.Generator()).repeat_interleave(3, 0)
     sig = torch.full((6,), 0.8)

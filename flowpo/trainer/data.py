@@ -49,10 +49,6 @@ def load_prompt_items(
     return list(prompts), [{} for _ in prompts]
 
 
-def load_prompts(prompt_file: str = "", prompts: list[str] | None = None) -> list[str]:
-    return load_prompt_items(prompt_file, prompts)[0]
-
-
 @dataclass
 class PromptItem:
     prompt: str

@@ -163,18 +163,6 @@ class Engine:
         torch.distributed.all_gather(parts, t.contiguous())
         return torch.cat(parts, 0)
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-        return t / self.world_size
-
-    def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     # -- optimisation ---------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
