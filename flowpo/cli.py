@@ -5,6 +5,7 @@
     flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
     flowpo pretrain-shapes OUT_DIR [--minutes 25]
     flowpo make-tiny {sd3,flux} OUT_DIR
+    flowpo export RUN/checkpoints/checkpoint-N OUT_DIR [--ema] [--base DIR]
 
 One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus N -m flowpo train`.
 """
@@ -97,6 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("family", choices=["sd3", "flux"])
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser(
+        "export",
+        help="write a checkpoint as a diffusers LoRA file or a complete model directory",
+        description="LoRA runs: OUT/pytorch_lora_weights.safetensors with its adapter metadata "
+        "(Pipeline.from_pretrained(BASE).load_lora_weights(OUT)). Full fine-tuning: a model "
+        "directory for Pipeline.from_pretrained(OUT), ZeRO-3 shards consolidated.",
+    )
+    x.add_argument("checkpoint", help="RUN/checkpoints/checkpoint-N")
+    x.add_argument("out_dir", help="new (or empty) output directory")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema runs)")
+    x.add_argument("--base", default=None, help="base model directory (default: the run's)")
     return p
 
 
@@ -145,12 +158,19 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = resolve_train_config(args, overrides)
     # fail on bad input before any process group or model is started
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    from flowpo.trainer.grpo import TrainingInterrupted
+
     trainer = GRPOTrainer(cfg)
     ok = False
     try:
         trainer.setup()
         trainer.train()
         ok = True
+    except TrainingInterrupted as stop:
+        # every rank stopped at the same point and the checkpoint is written: a clean stop
+        ok = True
+        print(f"[rank {trainer.rank}] {stop}; continue with --resume latest", flush=True)
+        return 128 + stop.signum
     finally:
         trainer.close(clean=ok)
     return 0
@@ -173,6 +193,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         images.append(sample_ode(adapter, emb, args.steps, list(range(args.num))))
     path = save_grid(torch.cat(images), Path(args.out), nrow=args.num, captions=args.prompt)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flowpo.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, ema=args.ema, base=args.base)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 
@@ -288,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args, extra)
         if args.command == "pretrain-shapes":
             return cmd_pretrain_shapes(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_make_tiny(args)
     except (ConfigError, ModelLoadError, FileNotFoundError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)

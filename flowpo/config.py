@@ -33,6 +33,9 @@ class ModelConfig:
     """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32."""
     resolution: int = 0
     """Image side in pixels; 0 = the model's default sample size."""
+    drop_text_encoders: bool = False
+    """Encode every training and eval prompt once at start, keep the embeddings and free the
+    text encoders (they can outweigh the policy: T5-XXL, Qwen2.5-VL)."""
 
 
 @dataclass
@@ -171,6 +174,11 @@ class EngineConfig:
     precision: str = "fp32"
     """fp32 | bf16 (DeepSpeed mixed precision)."""
     gradient_checkpointing: bool = False
+    """Activation checkpointing of the transformer blocks (recompute in backward)."""
+    offload_optimizer: bool = False
+    """ZeRO-2/3: keep the optimizer state (fp32 master, Adam moments) in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep the partitioned parameters in CPU memory between uses."""
 
 
 @dataclass
@@ -347,6 +355,17 @@ class Config:
             )
         if not r.prompt_file and not r.prompts:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
+        e = self.engine
+        if e.offload_params and e.zero_stage != 3:
+            raise ConfigError(
+                f"engine.offload_params needs engine.zero_stage=3 (got {e.zero_stage}); "
+                "set zero_stage=3 or offload_params=false"
+            )
+        if e.offload_optimizer and e.zero_stage == 0:
+            raise ConfigError(
+                "engine.offload_optimizer needs ZeRO (engine.zero_stage=2 or 3); set one of them "
+                "or offload_optimizer=false"
+            )
         from flowpo.trainer.data import BUILTIN_SOURCES
 
         for key, value in (

@@ -192,14 +192,50 @@ def _clip_tokenizer(model_max_length: int) -> Any:
     )
     tok.train_from_iterator([" ".join(_WORDS)] * 4, trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # The trainer breaks frequency ties in hash order, so ids and merge order change from
+    # process to process (same sets): replay its merges with a fixed tie-break instead.
+    merges = _replay_merges(tok.pre_tokenizer, " ".join(_WORDS), set(merges))
+    vocab: dict[str, int] = {bos: 0, eos: 1}
+    learned = sorted(model["vocab"], key=lambda t: (len(t), t))
+    for piece in [p for p in learned if len(p) == 1] + [a + b for a, b in merges] + learned:
+        vocab.setdefault(piece, len(vocab))
     # every byte alone and at a word end, so no input ever maps to the unknown token
     for ch in sorted(alphabet):
         for piece in (ch, ch + "</w>"):
             vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # transformers 5: vocab=/merges= objects (a vocab_file= argument would be silently ignored)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _replay_merges(pre_tokenizer: Any, text: str, allowed: set[tuple[str, str]]) -> list:
+    """BPE training restricted to `allowed` merges: repeatedly merge the most frequent pair
+    (ties: the smallest pair), so the merge order is the same in every process."""
+    from collections import Counter
+
+    counts = Counter(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
+    words = {w: [*w[:-1], w[-1] + "</w>"] for w in counts}
+    order = []
+    while True:
+        pairs: Counter = Counter()
+        for w, syms in words.items():
+            for pair in zip(syms, syms[1:]):
+                if pair in allowed:
+                    pairs[pair] += counts[w]
+        if not pairs:
+            return order
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        order.append(best)
+        for w, syms in words.items():
+            i, out = 0, []
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            words[w] = out
 
 
 def _t5_tokenizer(model_max_length: int) -> Any:

@@ -82,10 +82,36 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict[str, 
     ds["gradient_clipping"] = cfg.train.max_grad_norm
     ds.setdefault("bf16", {})["enabled"] = cfg.engine.precision == "bf16"
     ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+    zero = ds["zero_optimization"]
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     # we pass a torch optimizer; DeepSpeed's CPU Adam is only needed for optimizer offload
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+def reference_ds_config(policy_ds: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """An inference-only ZeRO-3 config for the frozen reference policy: sharded like the policy
+    (same persistence threshold, precision and parameter offload), no optimizer."""
+    pz = policy_ds.get("zero_optimization", {})
+    zero = {"stage": 3}
+    for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size"):
+        if key in pz:
+            zero[key] = pz[key]
+    if "offload_param" in pz:
+        zero["offload_param"] = pz["offload_param"]
+    mb = policy_ds["train_micro_batch_size_per_gpu"]
+    return {
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": mb * world_size,
+        "zero_optimization": zero,
+        "bf16": dict(policy_ds.get("bf16", {"enabled": False})),
+        "steps_per_print": policy_ds.get("steps_per_print", 10**9),
+    }
 
 
 class Engine:
@@ -122,13 +148,9 @@ class Engine:
                 )
             )
         else:
-            if cfg.train.beta > 0:
-                if cfg.engine.zero_stage == 3:
-                    raise ConfigError(
-                        "train.beta > 0 with full fine-tuning needs a ZeRO-3 reference engine, "
-                        "which is not implemented yet; use train.lora=true or engine.zero_stage=2"
-                    )
-                self.ref_module = copy.deepcopy(module).requires_grad_(False).eval()
+            # the frozen reference: a copy of the base taken before DeepSpeed wraps the policy
+            # (only when the KL term needs it); under ZeRO-3 it is sharded like the policy
+            ref = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.beta > 0 else None
             module.requires_grad_(True)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -146,6 +168,28 @@ class Engine:
         self.module, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config
         )
+        if not self.lora and ref is not None:
+            if cfg.engine.zero_stage == 3:
+                self.ref_module, *_ = deepspeed.initialize(
+                    model=ref, config=reference_ds_config(self.ds_config, world_size)
+                )
+                self.ref_module.eval()
+            else:
+                self.ref_module = ref
+
+    @property
+    def zero3(self) -> bool:
+        return self.cfg.engine.zero_stage == 3
+
+    def partition_report(self) -> list[tuple[str, int, int, int]]:
+        """(name, local numel, this rank's shard numel, full numel) per trainable-module
+        parameter: under ZeRO-3 a partitioned parameter has local numel 0 and a 1/world shard."""
+        rows = []
+        for name, p in self.module.module.named_parameters():
+            shard = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            full = int(getattr(p, "ds_numel", p.numel()))
+            rows.append((name, p.numel(), shard, full))
+        return rows
 
     # -- rank helpers ---------------------------------------------------------------------------
     @property
@@ -208,15 +252,36 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA weights (peft names) or, for full fine-tuning, the module's state dict (rank 0)."""
+        """LoRA weights (peft names) or, for full fine-tuning, the module's whole state dict,
+        as full CPU tensors on rank 0 ({} on the other ranks). Under ZeRO-3 the shards are
+        gathered one parameter at a time, so no rank ever holds the whole model at once.
+        Collective: every rank must call it."""
+        import deepspeed
+
         inner = self.module.module
+
+        def gathered(params):
+            if not self.zero3:
+                return contextlib.nullcontext()
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
         if self.lora:
             from peft import get_peft_model_state_dict
 
-            sd = get_peft_model_state_dict(inner)
-        else:
-            sd = inner.state_dict()
-        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+            lora_params = [p for p in inner.parameters() if p.requires_grad]
+            with gathered(lora_params):
+                sd = get_peft_model_state_dict(inner) if self.is_rank0 else {}
+                return {k: v.detach().cpu().clone() for k, v in sd.items()}
+        params = dict(inner.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for key, value in inner.state_dict().items():
+            if key in params:
+                with gathered([params[key]]):
+                    if self.is_rank0:
+                        out[key] = params[key].detach().cpu().clone()
+            elif self.is_rank0:
+                out[key] = value.detach().cpu().clone()
+        return out
 
     def save(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
         """DeepSpeed state (weights, optimizer, ZeRO partitions) of every rank under ckpt_dir."""

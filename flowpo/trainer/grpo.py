@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,19 +95,70 @@ def resolve_run_dir(cfg: Config, rank: int, broadcast) -> Path:
     return Path(cfg.logging.run_dir) / name
 
 
+MANIFEST = "manifest.json"
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT reached the trainer: the state was checkpointed and the run stopped."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        self.signum, self.checkpoint = signum, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no epoch finished)"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {where}")
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Name and size of every file of a finished checkpoint; written last, inside it."""
+    files = {
+        str(f.relative_to(ckpt)): f.stat().st_size
+        for f in sorted(ckpt.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+    (ckpt / MANIFEST).write_text(json.dumps(files, indent=0))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` is not a complete checkpoint (missing manifest, file missing or truncated),
+    or None when every file the manifest lists is there with its size."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the save did not finish)"
+    for name, size in json.loads(manifest.read_text()).items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
 def find_checkpoint(spec: str, run_dir: Path) -> Path:
-    """`latest` -> the checkpoint named by run_dir/checkpoints/latest; else a directory path."""
+    """`latest` -> the newest complete checkpoint of run_dir (the `latest` pointer's, else the
+    newest whose manifest checks out); else a checkpoint directory, which must be complete."""
     if spec == "latest":
-        pointer = run_dir / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise FileNotFoundError(
-                f"checkpoint.resume=latest: no checkpoint in {run_dir}; set logging.run_name "
-                "to the run to continue, or pass a checkpoint directory"
-            )
-        return run_dir / "checkpoints" / pointer.read_text().strip()
+        root = run_dir / "checkpoints"
+        pointer = root / "latest"
+        candidates = [root / pointer.read_text().strip()] if pointer.is_file() else []
+        candidates += sorted(
+            (p for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+            key=lambda p: int(p.name.split("-")[1]),
+            reverse=True,
+        )
+        for ckpt in candidates:
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            print(f"warning: skipping {ckpt}: {problem}", flush=True)
+        raise FileNotFoundError(
+            f"checkpoint.resume=latest: no complete checkpoint in {run_dir}; set "
+            "logging.run_name to the run to continue, or pass a checkpoint directory"
+        )
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"checkpoint.resume '{spec}' is not a flowpo checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint.resume '{spec}' is incomplete: {problem}")
     return path
 
 
@@ -123,6 +175,11 @@ class GRPOTrainer:
         cfg = self.cfg
         self.rank, self.world, local_rank = init_distributed()
         cfg.validate(self.world)
+        # the same seed on every rank: LoRA's Gaussian init and any other global-RNG draw agree
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed % 2**32)
+        torch.manual_seed(cfg.train.seed)
+        self._check_same_config()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         self.kernel_backend = resolve_backend(cfg.train.kernels, self.device)  # re-scoring path
         self.show = cfg.logging.progress and self.rank == 0
@@ -150,6 +207,11 @@ class GRPOTrainer:
             seed=cfg.train.seed,
             metadata=metas,
         )
+        if cfg.model.drop_text_encoders:
+            from flowpo.trainer.evaluation import eval_items
+
+            n = self.adapter.cache_and_drop_text_encoders(prompts + eval_items(cfg)[0])
+            print0(f"cached {n} prompt embeddings; text encoders freed", rank=self.rank)
         self.plan = build_plan(cfg)
         self.num_trained, self.images_per_sample = self._plan_shape()
         self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
@@ -174,6 +236,7 @@ class GRPOTrainer:
         self.start_epoch, self.history = 0, {}
         if cfg.checkpoint.resume:
             self._resume(find_checkpoint(cfg.checkpoint.resume, self.run_dir))
+        self._install_signal_handlers()
         print0(f"run directory: {self.run_dir}", rank=self.rank)
         print0(
             "sizes: "
@@ -181,6 +244,66 @@ class GRPOTrainer:
             + f", trainable_params={self.engine.num_trainable:,}",
             rank=self.rank,
         )
+
+    def _check_same_config(self) -> None:
+        """Every rank must run the same config (each node parses its own command line)."""
+        if self.world == 1:
+            return
+        mine = json.dumps(self.cfg.to_dict(), sort_keys=True, default=str)
+        everyone: list = [None] * self.world
+        torch.distributed.all_gather_object(everyone, mine)
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                a, b = json.loads(everyone[0]), json.loads(theirs)
+                diff = [
+                    f"{sec}.{k}: {a[sec][k]!r} (rank 0) vs {b[sec].get(k)!r} (rank {rank})"
+                    for sec in a
+                    for k in a[sec]
+                    if a[sec][k] != b[sec].get(k)
+                ]
+                raise RuntimeError(
+                    "ranks were started with different configs; give every node the same "
+                    "recipe and overrides. Differences: " + "; ".join(diff[:5])
+                )
+
+    # -- signals: SIGTERM/SIGINT -> checkpoint at the next safe point, then stop --------------------
+    def _install_signal_handlers(self) -> None:
+        self._stop_signal = 0
+        self._old_handlers = {}
+
+        def handler(signum, frame):
+            if self._stop_signal:  # a second signal: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(
+                f"[rank {self.rank}] {signal.Signals(signum).name}: checkpointing at the next "
+                "safe point (end of this rollout or update); send it again to stop at once",
+                flush=True,
+            )
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (embedded use): leave signals alone
+                pass
+
+    def _stop_requested(self) -> int:
+        """The signal any rank received (0 = none); collective, so all ranks stop together."""
+        flag = int(getattr(self, "_stop_signal", 0))
+        if self.world > 1:
+            t = torch.tensor([flag], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
+
+    def _stop(self, signum: int, last_done: int) -> None:
+        """Checkpoint the state after epoch `last_done` (unless it is on disk) and stop."""
+        ckpt = None
+        if last_done >= 0:
+            ckpt = self.run_dir / "checkpoints" / f"checkpoint-{last_done}"
+            if checkpoint_problem(ckpt) is not None:
+                ckpt = self.save_checkpoint(last_done)
+        raise TrainingInterrupted(signum, ckpt)
 
     def _broadcast(self, obj):
         if self.world == 1:
@@ -483,6 +606,7 @@ class GRPOTrainer:
         if self.world > 1:
             torch.distributed.barrier()
         if self.rank == 0:
+            write_manifest(tmp)  # last file in: a checkpoint without it is incomplete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer = root / ".latest.tmp"
@@ -523,6 +647,8 @@ class GRPOTrainer:
         for epoch in range(self.start_epoch, cfg.train.epochs):
             te = time.time()
             data = self.rollout(epoch)
+            if sig := self._stop_requested():  # weights are still those after epoch - 1
+                self._stop(sig, epoch - 1)
             adv, stats = self.advantages(data)
             metrics = self.update(data, adv, epoch)
             metrics.update(stats)
@@ -546,6 +672,8 @@ class GRPOTrainer:
             every = cfg.checkpoint.every
             if every and (epoch + 1) % every == 0 and not done:
                 self.save_checkpoint(epoch)
+            if sig := self._stop_requested():
+                self._stop(sig, epoch)
         if last is not None:
             self.save_checkpoint(last)
         end = self.evaluate("end", cfg.train.epochs - 1)
@@ -608,6 +736,8 @@ class GRPOTrainer:
         ranks may never reach it)."""
         from flowpo.trainer.engine import close_distributed
 
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown(wait=True)
         if getattr(self, "logger", None) is not None:
