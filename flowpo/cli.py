@@ -7,7 +7,7 @@
     flowpo make-tiny {sd3,flux} OUT_DIR
     flowpo export RUN/checkpoints/checkpoint-N OUT_DIR [--ema] [--base DIR]
 
-One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus N -m flowpo train`.
+One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus N --module flowpo train`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/)")
     t.add_argument("--resume", default=None, help="checkpoint directory, or 'latest'")
-    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     s = sub.add_parser(
         "sample",
@@ -299,8 +298,26 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher puts `--local_rank=N` right after the module name (before the
+    subcommand); the rank comes from the LOCAL_RANK variable it also sets, so drop the flag."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

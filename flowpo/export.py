@@ -61,9 +61,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, ema: bool = False, b
     weights = load_file(str(ckpt / name))
     out.mkdir(parents=True, exist_ok=True)
     if state["lora"]:
-        from flowpo.models.base import load_adapter
+        from flowpo.models.base import MODEL_REGISTRY, _import_builtins, detect_family
 
-        targets = load_adapter(cfg.model.family, str(base_dir)).lora_targets
+        _import_builtins()
+        family = cfg.model.family
+        targets = MODEL_REGISTRY[detect_family(str(base_dir)) if family == "auto" else family]
+        targets = targets.lora_targets
         meta = {
             "r": cfg.train.lora_rank,
             "lora_alpha": cfg.train.lora_alpha,

@@ -3,8 +3,8 @@ backward/step, checkpoint save/load and rank helpers. The only module that impor
 
 Launch lines:
     python -m flowpo train ...                       # one rank (CPU or one GPU)
-    deepspeed --num_gpus 2 -m flowpo train ...       # one node, 2 ranks
-    deepspeed --hostfile hostfile -m flowpo train ... # several nodes
+    deepspeed --num_gpus 2 --module flowpo train ...         # one node, 2 ranks
+    deepspeed --hostfile hostfile --module flowpo train ...  # several nodes
 """
 
 from __future__ import annotations

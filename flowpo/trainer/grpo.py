@@ -510,10 +510,23 @@ class GRPOTrainer:
                     first_dev = max(first_dev, float(st["ratio_max_dev"]))
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
         out["train/first_ratio_max_dev"] = first_dev
+        out = self._reduce_metrics(out, maxed=("train/first_ratio_max_dev",))
         out["train/grad_norm"] = self.engine.grad_norm()
         out["time/train_s"] = time.perf_counter() - t0
         out.update(data.metrics)
         return out
+
+    def _reduce_metrics(self, metrics: dict[str, float], maxed=()) -> dict[str, float]:
+        """Mean over ranks (max for the keys in `maxed`), so logs describe the global batch."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        m = torch.tensor([metrics[k] if k in maxed else 0.0 for k in keys], dtype=torch.float64)
+        m = m.to(self.device)
+        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
+        return {k: float(m[i] if k in maxed else t[i] / self.world) for i, k in enumerate(keys)}
 
     # -- EMA (train.ema) --------------------------------------------------------------------------
     @property
