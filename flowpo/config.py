@@ -179,6 +179,9 @@ class EngineConfig:
     """ZeRO-2/3: keep the optimizer state (fp32 master, Adam moments) in CPU memory."""
     offload_params: bool = False
     """ZeRO-3 only: keep the partitioned parameters in CPU memory between uses."""
+    shard_frozen: bool = False
+    """ZeRO-3 only: partition the frozen text encoders and VAE too (inference engines); every
+    prompt is then encoded once at start."""
 
 
 @dataclass
@@ -360,6 +363,11 @@ class Config:
             raise ConfigError(
                 f"engine.offload_params needs engine.zero_stage=3 (got {e.zero_stage}); "
                 "set zero_stage=3 or offload_params=false"
+            )
+        if e.shard_frozen and e.zero_stage != 3:
+            raise ConfigError(
+                f"engine.shard_frozen needs engine.zero_stage=3 (got {e.zero_stage}); "
+                "set zero_stage=3 or shard_frozen=false"
             )
         if e.offload_optimizer and e.zero_stage == 0:
             raise ConfigError(

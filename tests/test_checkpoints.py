@@ -62,6 +62,7 @@ def test_latest_without_any_complete_checkpoint_says_so(tmp_path):
     [
         (["--engine.offload_params=true", "--engine.zero_stage=2"], "engine.offload_params"),
         (["--engine.offload_optimizer=true"], "engine.offload_optimizer"),
+        (["--engine.shard_frozen=true", "--engine.zero_stage=2"], "engine.shard_frozen"),
     ],
 )
 def test_offload_needs_the_right_zero_stage(overrides, field):
@@ -108,7 +109,12 @@ def test_dropping_text_encoders_keeps_cached_prompts_and_refuses_new_ones(tiny_d
 
     a = load_adapter("sd3", tiny_dirs["sd3"], guidance_scale=4.5)
     before = a.encode_prompts(["a red circle", "a cat"])
-    assert a.cache_and_drop_text_encoders(["a red circle", "a cat", "a red circle"]) == 2
+    n = a.cache_prompts(
+        ["a red circle", "a cat", "a red circle"],
+        drop_encoders=True,
+        reason="model.drop_text_encoders=true",
+    )
+    assert n == 2
     assert "text_encoder" not in a.frozen_modules() and a.pipe.text_encoder is None
     after = a.encode_prompts(["a cat", "a red circle"])
     assert torch.equal(after.prompt_embeds, before.prompt_embeds.flip(0))

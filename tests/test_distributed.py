@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -264,11 +265,18 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
             *extra,
         )
 
-    _run(train_cmd("straight"))
+    straight = _run(train_cmd("straight", "--engine.shard_frozen=true"))
+    # frozen text encoders and VAE partitioned too (ZeRO-3 inference engines): rank 0 holds half
+    sharded = re.findall(r"ZeRO-3 sharded (\w+): ([\d,]+) of ([\d,]+) parameters", straight.stdout)
+    assert {name for name, *_ in sharded} >= {"text_encoder", "vae"}
+    for _, held, total in sharded:
+        assert int(held.replace(",", "")) == pytest.approx(
+            int(total.replace(",", "")) / 2, rel=0.01
+        )
 
     # the same run, killed (SIGKILL to the whole process group) once checkpoint-1 is the latest
     proc = subprocess.Popen(
-        train_cmd("killed"),
+        train_cmd("killed", "--engine.shard_frozen=true"),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -288,7 +296,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     done = [r["epoch"] for r in _train_rows(tmp_path / "killed")]
     assert done[:2] == [0, 1] and len(done) < 4
 
-    resumed = _run(train_cmd("killed", "--resume", "latest"))
+    resumed = _run(train_cmd("killed", "--engine.shard_frozen=true", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
 
     straight, killed = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "killed")

@@ -136,7 +136,7 @@ class ModelAdapter(abc.ABC):
         """Embeddings for `prompts` (B rows), with the "" negative under CFG. Cached per prompt."""
         with torch.no_grad():
             missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-            if missing and getattr(self, "_encoders_dropped", False):
+            if missing and getattr(self, "_cache_only", ""):
                 self._check_cached(missing)
             if missing:
                 enc = self._encode(missing)
@@ -160,15 +160,16 @@ class ModelAdapter(abc.ABC):
         return out
 
     def clear_prompt_cache(self) -> None:
-        if getattr(self, "_encoders_dropped", False):
-            raise RuntimeError("the text encoders were dropped: the prompt cache is all there is")
+        if getattr(self, "_cache_only", ""):
+            raise RuntimeError("prompts are served from the cache only; it cannot be cleared")
         self._cache.clear()
         self._negative = None
 
-    def cache_and_drop_text_encoders(self, prompts: list[str]) -> int:
-        """Encode every prompt (and the negative) once, keep the embeddings, and free the text
-        encoders (model.drop_text_encoders): they are often larger than the trainable policy.
-        Returns the number of cached prompts. Later, an uncached prompt is a clear error."""
+    def cache_prompts(self, prompts: list[str], *, drop_encoders: bool, reason: str) -> int:
+        """Encode every prompt (and the negative) once, in the same chunks on every rank, and
+        from then on serve prompts from the cache only; with `drop_encoders` free the text
+        encoders (they can outweigh the policy). `reason` names the option, for the error an
+        uncached prompt raises later. Returns the number of cached prompts."""
         unique = list(dict.fromkeys(prompts))
         self.max_cached_prompts = max(self.max_cached_prompts, len(unique))
         for i in range(0, len(unique), 64):
@@ -176,18 +177,20 @@ class ModelAdapter(abc.ABC):
         if self._negative is None:
             self._negative = self._encode([""])
         pipe = getattr(self, "pipe", None)
-        for name in list(self.frozen_modules()):
-            if name.startswith("text_encoder") and pipe is not None:
-                setattr(pipe, name, None)
-        self._encoders_dropped = True
+        if drop_encoders and pipe is not None:
+            for name in list(self.frozen_modules()):
+                if name.startswith("text_encoder"):
+                    setattr(pipe, name, None)
+        self._cache_only = reason
         return len(unique)
 
     def _check_cached(self, prompts: list[str]) -> None:
         missing = [p for p in prompts if p not in self._cache]
         if missing:
             raise RuntimeError(
-                f"prompt {missing[0]!r} is not in the embedding cache and the text encoders were "
-                "dropped (model.drop_text_encoders=true); keep them (false) to encode new prompts"
+                f"prompt {missing[0]!r} is not in the embedding cache, which holds every "
+                f"training and eval prompt; with {self._cache_only} new prompts cannot be "
+                "encoded during training"
             )
 
     # ---- sampling ----------------------------------------------------------------------

@@ -114,6 +114,28 @@ def reference_ds_config(policy_ds: dict[str, Any], world_size: int) -> dict[str,
     }
 
 
+def shard_frozen_modules(cfg: Config, modules: dict[str, nn.Module], world_size: int) -> list:
+    """Partition frozen modules (text encoders, VAE) with ZeRO-3 inference engines
+    (engine.shard_frozen). ZeRO-3's gather hooks sit on the modules themselves, so the pipeline
+    keeps calling them as before; the returned engines must stay alive. Every call is collective:
+    all ranks must make the same calls in the same order."""
+    import deepspeed
+
+    ds = reference_ds_config(build_ds_config(cfg, world_size, grad_accum=1), world_size)
+    engines = []
+    for name, m in modules.items():
+        engine, *_ = deepspeed.initialize(model=m, config=ds)
+        engine.eval()
+        engines.append(engine)
+        held = sum(
+            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in m.parameters()
+        )
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters())
+        if torch.distributed.get_rank() == 0:
+            print(f"ZeRO-3 sharded {name}: {held:,} of {total:,} parameters on rank 0", flush=True)
+    return engines
+
+
 class Engine:
     """Owns the DeepSpeed engine wrapping the trainable module, and every distributed call."""
 

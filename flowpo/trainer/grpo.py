@@ -207,11 +207,27 @@ class GRPOTrainer:
             seed=cfg.train.seed,
             metadata=metas,
         )
-        if cfg.model.drop_text_encoders:
+        if cfg.engine.shard_frozen:
+            from flowpo.trainer.engine import shard_frozen_modules
+
+            self._frozen_engines = shard_frozen_modules(
+                cfg, self.adapter.frozen_modules(), self.world
+            )
+        if cfg.model.drop_text_encoders or cfg.engine.shard_frozen:
+            # ZeRO-3 gathers are collective: sharded encoders must run the same calls on every
+            # rank, so every prompt is encoded up front, in the same chunks everywhere
             from flowpo.trainer.evaluation import eval_items
 
-            n = self.adapter.cache_and_drop_text_encoders(prompts + eval_items(cfg)[0])
-            print0(f"cached {n} prompt embeddings; text encoders freed", rank=self.rank)
+            drop = cfg.model.drop_text_encoders
+            n = self.adapter.cache_prompts(
+                prompts + eval_items(cfg)[0],
+                drop_encoders=drop,
+                reason="model.drop_text_encoders=true" if drop else "engine.shard_frozen=true",
+            )
+            print0(
+                f"cached {n} prompt embeddings" + ("; text encoders freed" if drop else ""),
+                rank=self.rank,
+            )
         self.plan = build_plan(cfg)
         self.num_trained, self.images_per_sample = self._plan_shape()
         self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
