@@ -82,6 +82,9 @@ def run_case(name: str, overrides: list[str], model_dir: str, run_root: Path) ->
         "reports": reports,
         "sizes": trainer.sizes,
         "ref_is_engine": type(trainer.engine.ref_module).__name__,
+        "activation_checkpointing": bool(
+            getattr(trainer.engine.module.module, "gradient_checkpointing", False)
+        ),
     }
 
 

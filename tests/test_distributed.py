@@ -96,6 +96,7 @@ def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
     two = {
         "lora_z2": [*lr, "--engine.zero_stage=2"],
         "lora_z3": [*lr, *z3],
+        "lora_z3_actckpt": [*lr, *z3, "--engine.gradient_checkpointing=true"],
         "full_z2": [*lr, "--train.lora=false", "--engine.zero_stage=2"],
         "full_z3": [*lr, "--train.lora=false", *z3],
         "full_z3_offload": [
@@ -136,11 +137,13 @@ def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
 
     # ZeRO-3 really partitions: every parameter is an empty placeholder locally, and the two
     # ranks hold halves of it (up to alignment padding)
-    for name in ("full_z3", "lora_z3", "full_z3_offload"):
+    for name in ("full_z3", "lora_z3", "lora_z3_actckpt", "full_z3_offload"):
         rank0, rank1 = res[name]["reports"]
         for (pname, local, shard0, full), (_, local1, shard1, _) in zip(rank0, rank1):
             assert local == 0 and local1 == 0, (name, pname)
             assert shard0 == shard1 == math.ceil(full / 2), (name, pname, shard0, full)
+    assert res["lora_z3_actckpt"]["activation_checkpointing"]
+    assert not res["lora_z3"]["activation_checkpointing"]
     # full fine-tuning with β > 0 under ZeRO-3: the reference is a ZeRO-3 inference engine
     assert res["full_z3"]["ref_is_engine"] == "DeepSpeedEngine"
     assert res["full_z2"]["ref_is_engine"] != "DeepSpeedEngine"

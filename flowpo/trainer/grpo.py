@@ -621,6 +621,7 @@ class GRPOTrainer:
             "python": random.getstate(),
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
         self._save_ema(tmp)
@@ -661,6 +662,8 @@ class GRPOTrainer:
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_epoch = int(client.get("epoch", state["epoch"])) + 1
         self.history = state.get("history", {})
         self._load_ema(ckpt)
