@@ -329,6 +329,17 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "model_index.json").is_file() and (out / "transformer" / "config.json").is_file()
     _assert_export_matches_policy(sd3_dir, ckpt, out, lora=False)
+    # --ema exports the EMA weights instead; a finished export is never overwritten
+    ema_out = tmp_path / "ema_export"
+    p = run_flowpo("export", str(ckpt), str(ema_out), "--ema")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ema = load_file(str(ckpt / "trainable_ema.safetensors"))
+    exported = load_file(str(ema_out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)
+    final = load_file(str(ckpt / "trainable.safetensors"))
+    assert any(not torch.equal(ema[k], final[k]) for k in ema), "EMA must differ from the weights"
+    p = run_flowpo("export", str(ckpt), str(ema_out))
+    assert p.returncode != 0 and "not empty" in p.stderr
 
 
 # -- SIGTERM: checkpoint at the next safe point, exit 143, resume continues ------------------------
