@@ -1,10 +1,22 @@
 from setuptools import find_packages, setup
 
+# Reward models and the reward service (the tests exercise all of them, so dev includes them).
+# rapidocr 3.x bundles its OCR models in the wheel (offline); never add rapidocr-onnxruntime
+# beside it: the two install conflicting opencv builds. scipy: transformers' Mask2Former.
+REWARDS = [
+    "starlette>=0.40",
+    "uvicorn>=0.30",
+    "rapidocr>=3.0,<4",
+    "onnxruntime>=1.18",
+    "scipy>=1.11",
+]
+
 setup(
     name="flowpo",
     version="0.1.0",
     description="DeepSpeed trainer for online RL (Flow-GRPO family) on flow-matching text-to-image models",
     packages=find_packages(include=["flowpo", "flowpo.*"]),
+    package_data={"flowpo": ["data/prompts/*.jsonl", "data/prompts/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",
@@ -24,7 +36,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.16"],
+        "rewards": REWARDS,
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.16", *REWARDS],
     },
     entry_points={"console_scripts": ["flowpo=flowpo.cli:main"]},
 )

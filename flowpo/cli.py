@@ -5,6 +5,8 @@
     flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
     flowpo pretrain-shapes OUT_DIR [--minutes 25]
     flowpo make-tiny {sd3,flux} OUT_DIR
+    flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
+    flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
     flowpo export RUN/checkpoints/checkpoint-N OUT_DIR [--ema] [--base DIR]
 
 One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus N --module flowpo train`.
@@ -72,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
     e.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/)")
     e.add_argument("--out", default="eval_out", help="folder for grid PNG and results JSON")
+    e.add_argument(
+        "--save-images",
+        action="store_true",
+        help="also write every image in GenEval's layout: OUT/{i:05}/metadata.jsonl, "
+        "OUT/{i:05}/samples/{k:05}.png (k = seed index)",
+    )
 
     p2 = sub.add_parser(
         "pretrain-shapes",
@@ -87,6 +95,42 @@ def _parser() -> argparse.ArgumentParser:
     p2.add_argument("--batch-size", type=int, default=64)
     p2.add_argument("--lr", type=float, default=1e-3)
     p2.add_argument("--seed", type=int, default=0)
+
+    g = sub.add_parser(
+        "make-prompts",
+        help="write a GenEval-style or OCR prompt set (metadata JSONL)",
+        description="geneval: N records per GenEval tag over the 80 COCO classes, 10 colours, "
+        "counts 2-4 and 4 positions; ocr: N text-rendering prompts with quoted targets.",
+    )
+    g.add_argument("kind", choices=["geneval", "ocr"])
+    g.add_argument("out", help="output .jsonl")
+    g.add_argument("-n", type=int, default=10, help="records per tag (geneval) or in all (ocr)")
+    g.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser(
+        "serve-reward",
+        help="serve one reward model over HTTP (JSON + base64 PNG; see README)",
+        description="POST /score {images: [base64 PNG], prompts, metadata} -> {scores, details}; "
+        "GET /health. Loopback by default; one worker (model replica) per GPU. The trainer "
+        "uses it with --reward.options='{NAME: {url: http://HOST:PORT}}'.",
+    )
+    r.add_argument("--reward", required=True, help="reward name (pickscore, ocr, geneval, ...)")
+    r.add_argument("--model-dir", default="", help="local model directory of the reward")
+    r.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scorer option (repeatable), e.g. --option clip_dir=/models/clip",
+    )
+    r.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    r.add_argument("--port", type=int, default=8100)
+    r.add_argument("--token", default="", help="bearer token required on /score")
+    r.add_argument("--token-env", default="", help="read the token from this variable")
+    r.add_argument("--workers", type=int, default=1, help="model replicas (one per GPU)")
+    r.add_argument("--max-batch", type=int, default=64, help="images per request, at most")
+    r.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (MiB)")
+    r.add_argument("--score-timeout-s", type=float, default=600.0)
 
     m = sub.add_parser(
         "make-tiny",
@@ -258,7 +302,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if args.checkpoint:
         load_trainable(adapter, Path(args.checkpoint))
-    res = run_eval(adapter, WeightedReward(cfg.reward.weights), cfg, show_progress=True)
+    res = run_eval(
+        adapter,
+        WeightedReward(cfg.reward.weights, cfg.reward.options),
+        cfg,
+        show_progress=True,
+        save_dir=out if args.save_images else None,
+    )
     grid = save_eval_grid(res, out / "samples.png")
     payload = {
         "model": cfg.model.path,
@@ -272,6 +322,51 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if res.accuracy:
         print(accuracy_table(None, res))
     print(f"wrote {out / 'eval.json'}" + (f" and {grid}" if grid else ""))
+    return 0
+
+
+def cmd_make_prompts(args: argparse.Namespace) -> int:
+    from flowpo.tasks.geneval_prompts import generate_geneval, generate_ocr, write_jsonl
+
+    make = generate_geneval if args.kind == "geneval" else generate_ocr
+    path = write_jsonl(make(args.n, seed=args.seed), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flowpo.rewards.server import make_app_from_args, serve
+
+    token = args.token
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token:
+            print(f"flowpo: error: --token-env {args.token_env} is unset", file=sys.stderr)
+            return 2
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            print(f"flowpo: error: --option '{item}' must look like KEY=VALUE", file=sys.stderr)
+            return 2
+        key, value = item.split("=", 1)
+        options[key] = yaml.safe_load(value)
+    try:
+        app = make_app_from_args(
+            args.reward,
+            args.model_dir,
+            args.workers,
+            token,
+            options,
+            max_batch=args.max_batch,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            score_timeout_s=args.score_timeout_s,
+        )
+    except ValueError as e:
+        print(f"flowpo: error: {e}", file=sys.stderr)
+        return 2
+    serve(app, args.host, args.port)
     return 0
 
 
@@ -339,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pretrain_shapes(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "serve-reward":
+            return cmd_serve_reward(args)
+        if args.command == "make-prompts":
+            return cmd_make_prompts(args)
         return cmd_make_tiny(args)
     except (ConfigError, ModelLoadError, FileNotFoundError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)

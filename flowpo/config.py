@@ -163,6 +163,14 @@ class RewardConfig:
     """Reward name -> weight; the training reward is the weighted sum of raw scores."""
     num_workers: int = 2
     """Threads scoring images while the next batch samples."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per reward: {name: {option: value}}. Scorer options (model_dir, ...) go to the reward;
+    `failure: raise|mask` is the failure policy (mask = drop unscorable samples from the update
+    and count them); `url` (+ token/token_env, timeout_s, deadline_s, batch_size,
+    max_concurrency, backoff_s) scores through a `flowpo serve-reward` service instead."""
+    group_normalize: bool = False
+    """Normalise each reward within its group (mean/std of the G images of a prompt) before
+    weighting, so weights set relative importance whatever each reward's scale."""
 
 
 @dataclass
@@ -404,6 +412,12 @@ class Config:
                     f"reward.weights: unknown reward '{name}'; choose one of: "
                     + ", ".join(known_rewards())
                 )
+        from flowpo.rewards.base import check_reward_options
+
+        try:
+            check_reward_options(self.reward.weights, self.reward.options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if r.plan not in PLAN_REGISTRY:
             raise ConfigError(
                 f"rollout.plan '{r.plan}' is unknown; choose one of: " + ", ".join(PLAN_REGISTRY)
@@ -433,6 +447,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    if tp is Any:  # free-form values (reward.options), checked by their consumer
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -45,7 +45,8 @@ def test_non_divisible_layout_error():
 
 def test_unknown_reward_error(tmp_path):
     line = _one_line_error(run_flowpo("train", "--reward.weights=nope:1"))
-    assert "reward.weights: unknown reward 'nope'; choose one of: jpeg_compressibility" in line
+    assert "reward.weights: unknown reward 'nope'; choose one of: " in line
+    assert "jpeg_compressibility" in line and "pickscore" in line
 
 
 @pytest.mark.slow

@@ -16,6 +16,53 @@ from typing import Any
 import torch
 
 BUILTIN_SOURCES = ("shapes:train", "shapes:heldout", "shapes:all")
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+
+
+def bundled_sets() -> list[str]:
+    """Names of the small prompt sets shipped in flowpo/data/prompts (`bundled:NAME`)."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*") if p.suffix in (".txt", ".jsonl"))
+
+
+def _resolve_source(prompt_file: str, field: str) -> Path:
+    if prompt_file.startswith("bundled:"):
+        name = prompt_file.split(":", 1)[1]
+        for suffix in (".jsonl", ".txt"):
+            if (BUNDLED_DIR / f"{name}{suffix}").is_file():
+                return BUNDLED_DIR / f"{name}{suffix}"
+        raise ValueError(
+            f"{field} '{prompt_file}': no bundled prompt set '{name}'; choose one of "
+            + ", ".join(f"bundled:{n}" for n in bundled_sets())
+        )
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise ValueError(f"{field} '{prompt_file}' does not exist")
+    return path
+
+
+def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
+    """GenEval metadata records, one JSON object with a "prompt" per non-empty line."""
+    metas = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{field} '{path}' line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
+            raise ValueError(f"{field} '{path}' line {n} needs a 'prompt' string")
+        for key in ("include", "exclude"):
+            if key in m and not (
+                isinstance(m[key], list)
+                and all(isinstance(r, dict) and "class" in r and "count" in r for r in m[key])
+            ):
+                raise ValueError(
+                    f"{field} '{path}' line {n}: '{key}' must be a list of "
+                    '{"class": ..., "count": ...} objects (GenEval metadata)'
+                )
+        metas.append(m)
+    return metas
 
 
 def load_prompt_items(
@@ -23,7 +70,8 @@ def load_prompt_items(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Prompts and their metadata from a text file (one prompt per line), a GenEval-style JSONL
     file (one metadata object with a "prompt" per line), a built-in source (`shapes:train`,
-    `shapes:heldout`, `shapes:all`), or an inline list (metadata empty)."""
+    `shapes:heldout`, `shapes:all`), a bundled set (`bundled:geneval_small`, ...), or an
+    inline list (metadata empty). Errors name the file and line."""
     if prompt_file in BUILTIN_SOURCES:
         from flowpo.tasks.shapes.world import all_prompts, splits
 
@@ -31,18 +79,15 @@ def load_prompt_items(
         metas = all_prompts() if split == "all" else splits()[split]
         return [m["prompt"] for m in metas], metas
     if prompt_file:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise ValueError(f"{field} '{prompt_file}' does not exist")
+        path = _resolve_source(prompt_file, field)
+        if path.suffix == ".jsonl":
+            metas = _read_jsonl(path, field)
+            if not metas:
+                raise ValueError(f"{field} '{prompt_file}' holds no prompts")
+            return [m["prompt"] for m in metas], metas
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         if not lines:
             raise ValueError(f"{field} '{prompt_file}' holds no prompts")
-        if path.suffix == ".jsonl":
-            metas = [json.loads(ln) for ln in lines]
-            for i, m in enumerate(metas):
-                if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-                    raise ValueError(f"{field} '{prompt_file}' line {i + 1} needs a 'prompt'")
-            return [m["prompt"] for m in metas], metas
         return lines, [{} for _ in lines]
     if not prompts:
         raise ValueError("rollout.prompts is empty; give prompts or rollout.prompt_file")

@@ -4,6 +4,7 @@ accuracy per GenEval tag and overall. Shared by the trainer and `flowpo eval`.""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +26,15 @@ class EvalResult:
     grid: torch.Tensor | None = None  # (rows * cols, 3, H, W) images of the grid
     grid_rows: list[str] = field(default_factory=list)
     grid_cols: int = 0
+    detail_means: dict[str, float] = field(default_factory=dict)  # e.g. each reward's mean
+    masked: int = 0  # samples a reward could not score (failure=mask), left out of the means
 
     def metrics(self) -> dict[str, float]:
         out = {"eval/reward_mean": self.reward_mean, "eval/reward_std": self.reward_std}
         out.update({f"eval/acc/{k}": v for k, v in self.accuracy.items()})
+        out.update({f"eval/{k}_mean": v for k, v in self.detail_means.items()})
+        if self.masked:
+            out["eval/masked"] = float(self.masked)
         return out
 
 
@@ -43,15 +49,38 @@ def eval_items(cfg: Config) -> tuple[list[str], list[dict]]:
     return prompts, metas
 
 
+def write_geneval_layout(save_dir: Path, prompts: list[str], metas: list[dict]) -> None:
+    """GenEval's folder layout: save_dir/{i:05}/metadata.jsonl (+ samples/ filled later)."""
+    for i, (prompt, meta) in enumerate(zip(prompts, metas)):
+        folder = save_dir / f"{i:05}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps({**meta, "prompt": prompt}) + "\n")
+
+
+def save_sample(save_dir: Path, i: int, k: int, image: torch.Tensor) -> None:
+    """(3, H, W) float [0, 1] -> save_dir/{i:05}/samples/{k:05}.png."""
+    from PIL import Image
+
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    Image.fromarray(arr.permute(1, 2, 0).cpu().numpy()).save(
+        save_dir / f"{i:05}" / "samples" / f"{k:05}.png"
+    )
+
+
 @torch.no_grad()
-def run_eval(adapter, reward, cfg: Config, *, show_progress: bool = False) -> EvalResult:
-    """Sample every eval prompt once per seed with the ODE and score the images."""
+def run_eval(
+    adapter, reward, cfg: Config, *, show_progress: bool = False, save_dir: Path | None = None
+) -> EvalResult:
+    """Sample every eval prompt once per seed with the ODE and score the images; with
+    `save_dir`, also write every image in GenEval's layout (sample k = the k-th seed)."""
     prompts, metas = eval_items(cfg)
+    if save_dir is not None:
+        write_geneval_layout(Path(save_dir), prompts, metas)
     seeds = list(cfg.eval.seeds)
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
     steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     bs = max(cfg.rollout.batch_size, 16)
-    scores, strict, images = [], [], []
+    scores, strict, images, details = [], [], [], []
     grid_n, cols = min(cfg.eval.grid_prompts, len(prompts)), min(8, len(seeds))
     chunks = progress(range(0, len(pairs), bs), desc="eval", enabled=show_progress)
     for start in chunks:
@@ -60,31 +89,43 @@ def run_eval(adapter, reward, cfg: Config, *, show_progress: bool = False) -> Ev
         imgs = sample_ode(adapter, emb, steps, [s for _, s in chunk])
         out = reward(imgs, [prompts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
         scores.append(out.scores)
+        details.append(out.details)
+        if save_dir is not None:
+            for j, (i, s) in enumerate(chunk):
+                save_sample(Path(save_dir), i, seeds.index(s), imgs[j])
         keys = [k for k in out.details if k.endswith("/strict")]
-        if keys:
-            strict.append(out.details[keys[0]])
+        # NaN where a batch was masked (failure=mask) and its reward's details are missing
+        strict.append(out.details[keys[0]] if keys else torch.full_like(out.scores, torch.nan))
         keep = [j for j, (i, s) in enumerate(chunk) if i < grid_n and s in seeds[:cols]]
         if keep:
             images.append(imgs[keep].cpu())
     all_scores = torch.cat(scores)
+    ok = torch.isfinite(all_scores)  # NaN: masked by a reward's failure=mask policy
+    kept = all_scores[ok]
     res = EvalResult(
-        reward_mean=float(all_scores.mean()),
-        reward_std=float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
+        reward_mean=float(kept.mean()) if kept.numel() else float("nan"),
+        reward_std=float(kept.std()) if kept.numel() > 1 else 0.0,
+        masked=int((~ok).sum()),
+        detail_means={
+            k: float(torch.cat([d[k] for d in details if k in d]).nanmean())
+            for k in dict.fromkeys(k for d in details for k in d)
+        },
         num_samples=len(pairs),
         grid=torch.cat(images) if images else None,
         grid_rows=prompts[:grid_n],
         grid_cols=cols,
     )
-    if strict:
-        ok = torch.cat(strict)
+    ok = torch.cat(strict)
+    if torch.isfinite(ok).any():  # the reward reports strict correctness
         tags = [metas[i].get("tag", "all") for i, _ in pairs]
         for tag in dict.fromkeys(tags):
-            sel = torch.tensor([t == tag for t in tags])
-            res.accuracy[tag] = float(ok[sel].mean())
-            res.counts[tag] = int(sel.sum())
+            sel = torch.tensor([t == tag for t in tags]) & torch.isfinite(ok)
+            if sel.any():
+                res.accuracy[tag] = float(ok[sel].mean())
+                res.counts[tag] = int(sel.sum())
         # GenEval's overall score is the mean of the per-tag accuracies (tags weigh equally)
         res.accuracy["overall"] = sum(res.accuracy.values()) / len(res.accuracy)
-        res.counts["overall"] = len(pairs)
+        res.counts["overall"] = int(torch.isfinite(ok).sum())
     return res
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from flowpo.config import Config
-from flowpo.rewards.base import WeightedReward
+from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
 from flowpo.trainer.ema import EMA
@@ -240,7 +240,7 @@ class GRPOTrainer:
             world_size=self.world,
         )
         self.adapter.set_trainable_module(self.engine.module)
-        self.reward = WeightedReward(cfg.reward.weights)
+        self.reward = WeightedReward(cfg.reward.weights, cfg.reward.options)
         self.pool = ThreadPoolExecutor(max_workers=cfg.reward.num_workers)
         self.logger = RunLogger(
             self.run_dir,
@@ -393,7 +393,13 @@ class GRPOTrainer:
         t_wait = time.perf_counter()
         outs, secs = zip(*[f.result() for f in futures])
         r = parts[0].images_per_sample
-        details = {k: torch.cat([o.details[k] for o in outs]) for k in outs[0].details}
+        # union of detail keys: a batch masked under failure=mask lacks its reward's extras
+        keys = dict.fromkeys(k for o in outs for k in o.details)
+        nan = float("nan")
+        details = {
+            k: torch.cat([o.details.get(k, torch.full_like(o.scores, nan)) for o in outs])
+            for k in keys
+        }
         return EpochData(
             items=items,
             embeds=embeds,
@@ -415,15 +421,36 @@ class GRPOTrainer:
         t = self.cfg.train
         all_r = self.engine.all_gather(data.rewards.to(self.device)).cpu()
         all_g = self.engine.all_gather(data.group_ids.to(self.device)).cpu()
-        adv, stats = compute_advantages(
-            all_r, all_g, global_std=t.global_std, adv_clip_max=t.adv_clip_max
+        # every rank has these keys (each reward's score; `<name>/failed` under failure=mask),
+        # so the gathers match across ranks; extra details are averaged on this rank only
+        shared = sorted(
+            k for k in data.details if k in self.reward.weights or k.endswith("/failed")
+        )
+        gathered = {
+            name: self.engine.all_gather(data.details[name].to(self.device)).cpu()
+            for name in shared
+        }
+        if self.cfg.reward.group_normalize:
+            all_r = group_normalized_total(gathered, self.cfg.reward.weights, all_g)
+        # failure policy `mask`: NaN marks samples a reward could not score; they get advantage
+        # 0 and stay out of the group statistics (counted in reward/masked)
+        ok = torch.isfinite(all_r)
+        if not ok.any():
+            raise RewardError(
+                "no sample of this epoch could be scored (reward.options.*.failure=mask masked "
+                "them all); check the reward services"
+            )
+        adv = torch.zeros_like(all_r, dtype=torch.float32)
+        adv[ok], stats = compute_advantages(
+            all_r[ok], all_g[ok], global_std=t.global_std, adv_clip_max=t.adv_clip_max
         )
         if t.drop_zero_std:
-            adv = adv * (~zero_std_mask(all_r, all_g)).float()
+            adv[ok] = adv[ok] * (~zero_std_mask(all_r[ok], all_g[ok])).float()
+        stats["reward/masked"] = float((~ok).sum())
         n = data.rewards.numel()
-        for name, scores in data.details.items():
-            gathered = self.engine.all_gather(scores.to(self.device)).cpu()
-            stats[f"reward/{name}_mean"] = float(gathered.mean())
+        for name, values in data.details.items():
+            values = gathered.get(name, values)
+            stats[f"reward/{name}_mean"] = float(values.nanmean())  # masked samples are NaN
         return adv[self.rank * n : (self.rank + 1) * n], stats
 
     @contextlib.contextmanager

@@ -1,0 +1,121 @@
+"""`unifiedreward`: a VLM judge (e.g. UnifiedReward-qwen, Wang et al. 2025, arXiv 2503.05236)
+served behind an OpenAI-compatible chat endpoint (sglang or vLLM: `/v1/chat/completions`).
+
+Each image goes as a base64 PNG data URL with a judge prompt asking for a 1-5 rating on
+prompt alignment and quality ending in "Final Score: N"; temperature 0. The score is N / 5.
+An answer without a parseable final score is an error for that sample: its score is NaN, the
+count is in `details["unparseable"]`, and the reward's failure policy decides (raise, by
+default, or mask) — it never silently becomes 0. Requests run `max_concurrency` at a time,
+each with `timeout_s`, retried (timeouts, connection errors, 5xx) until `deadline_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from flowpo.rewards.base import RewardOutput, register_reward
+from flowpo.rewards.client import JsonHttp, RewardServiceError, encode_png
+
+# Our wording of a pointwise judging instruction in UnifiedReward's answer format.
+JUDGE_PROMPT = (
+    "You are shown an image generated from the text prompt below. Judge it on two criteria:\n"
+    "1. Alignment: does the image show every object, attribute, count, spatial relation and "
+    "piece of text the prompt asks for?\n"
+    "2. Quality: is the image coherent, detailed and free of artifacts and distortions?\n"
+    "Reason briefly, then end with a line 'Final Score: N' where N is an integer from 1 "
+    "(poor) to 5 (excellent).\n"
+    "Prompt: {prompt}"
+)
+_FINAL = re.compile(r"final\s*score\s*[:：]\s*\**\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
+
+
+def parse_final_score(text: str, max_score: float = 5.0) -> float:
+    """The last "Final Score: N" in `text`, divided by max_score; NaN if absent or out of
+    [0, max_score] (a judge that answers 7/5 is not to be trusted either)."""
+    found = _FINAL.findall(text or "")
+    if not found:
+        return math.nan
+    value = float(found[-1])
+    return value / max_score if 0 <= value <= max_score else math.nan
+
+
+@register_reward("unifiedreward")
+def unifiedreward(
+    api_url: str = "",
+    model: str = "UnifiedReward",
+    api_key_env: str = "",
+    timeout_s: float = 120.0,
+    deadline_s: float = 900.0,
+    max_concurrency: int = 8,
+    max_tokens: int = 512,
+    prompt_template: str = JUDGE_PROMPT,
+):
+    # `api_url`, not `url`: reward.options.<name>.url routes a reward through a flowpo service
+    raise_if_missing(api_url)
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if api_key_env and not key:
+        raise ValueError(f"unifiedreward: environment variable {api_key_env} is unset")
+    http = JsonHttp(
+        api_url,
+        who="reward 'unifiedreward' judge",
+        token=key,
+        timeout_s=timeout_s,
+        deadline_s=deadline_s,
+        deadline_field="reward.options.unifiedreward.deadline_s",
+    )
+
+    # shared by every call: the trainer's scoring threads together stay within max_concurrency
+    slots = threading.BoundedSemaphore(max_concurrency)
+
+    def ask(args: tuple[str, str]) -> tuple[float, str]:
+        png, prompt = args
+        payload = {
+            "model": model,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                        {"type": "text", "text": prompt_template.format(prompt=prompt)},
+                    ],
+                }
+            ],
+        }
+        with slots:
+            data = http.post("/v1/chat/completions", payload)
+        try:
+            text = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RewardServiceError(
+                f"reward 'unifiedreward': judge at {api_url} answered without choices[0].message"
+            ) from None
+        return parse_final_score(text if isinstance(text, str) else ""), text
+
+    def fn(images, prompts, metadata) -> RewardOutput:
+        pngs = encode_png(images)
+        with ThreadPoolExecutor(max(1, min(max_concurrency, len(pngs)))) as pool:
+            results = list(pool.map(ask, zip(pngs, prompts)))
+        scores = torch.tensor([s for s, _ in results], dtype=torch.float32)
+        return RewardOutput(
+            scores=scores, details={"unparseable": (~torch.isfinite(scores)).float()}
+        )
+
+    fn.http = http  # for tests and logs: attempts / retries
+    return fn
+
+
+def raise_if_missing(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(
+            "unifiedreward: set the judge's OpenAI-compatible base address, e.g. "
+            "reward.options.unifiedreward.api_url=http://127.0.0.1:30000 (got "
+            f"{url!r})"
+        )

@@ -1,0 +1,82 @@
+"""Prompt sets (bundled, generated, malformed files) and `flowpo eval` writing GenEval's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowpo.cli import main
+from flowpo.tasks.geneval_prompts import COCO_CLASSES, COLORS, TAGS, generate_geneval
+from flowpo.trainer.data import bundled_sets, load_prompt_items
+
+
+def test_generated_geneval_records_follow_the_metadata_format():
+    recs = generate_geneval(5, seed=3)
+    assert [r["tag"] for r in recs] == [t for t in TAGS for _ in range(5)]
+    assert generate_geneval(5, seed=3) == recs  # deterministic in the seed
+    for r in recs:
+        for req in r["include"] + r.get("exclude", []):
+            assert req["class"] in COCO_CLASSES and req.get("color", "red") in COLORS
+        if r["tag"] == "counting":
+            n = r["include"][0]["count"]
+            assert r["exclude"] == [{"class": r["include"][0]["class"], "count": n + 1}]
+        if r["tag"] == "position":
+            rel, ref = r["include"][1]["position"]
+            assert ref == 0 and f" {rel} " in r["prompt"]
+
+
+def test_bundled_sets_load_with_metadata():
+    assert {"geneval_small", "ocr_small"} <= set(bundled_sets())
+    prompts, metas = load_prompt_items("bundled:geneval_small")
+    assert len(prompts) == 24 and {m["tag"] for m in metas} == set(TAGS)
+    prompts, _ = load_prompt_items("bundled:ocr_small")
+    assert all(p.count('"') >= 2 for p in prompts)
+    with pytest.raises(ValueError, match="bundled:geneval_small"):
+        load_prompt_items("bundled:nope")
+
+
+def test_malformed_prompt_files_name_file_and_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a cat", "include": [{"class": "cat", "count": 1}]}\n\n{oops\n')
+    with pytest.raises(ValueError, match=r"p.jsonl' line 3: not valid JSON"):
+        load_prompt_items(str(bad))
+    bad.write_text('{"prompt": "a cat", "include": [{"class": "cat"}]}\n')
+    with pytest.raises(ValueError, match="line 1: 'include' must be a list"):
+        load_prompt_items(str(bad))
+    bad.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="line 1 needs a 'prompt'"):
+        load_prompt_items(str(bad))
+
+
+def test_make_prompts_cli(tmp_path):
+    out = tmp_path / "g.jsonl"
+    assert main(["make-prompts", "geneval", str(out), "-n", "2", "--seed", "1"]) == 0
+    prompts, metas = load_prompt_items(str(out))
+    assert len(prompts) == 2 * len(TAGS) and metas == generate_geneval(2, seed=1)
+    assert main(["make-prompts", "ocr", str(tmp_path / "o.jsonl"), "-n", "3"]) == 0
+    assert len(load_prompt_items(str(tmp_path / "o.jsonl"))[0]) == 3
+
+
+def test_eval_writes_geneval_layout_summary_and_grid(tmp_path):
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "eval",
+            "--eval.num_prompts=3",
+            "--eval.seeds=0,1",
+            "--out",
+            str(out),
+            "--save-images",
+        ]
+    )
+    assert rc == 0
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == ["00000", "00001", "00002"]
+    for f in folders:
+        meta = json.loads((out / f / "metadata.jsonl").read_text())
+        assert "prompt" in meta and "include" in meta
+        assert sorted(p.name for p in (out / f / "samples").iterdir()) == ["00000.png", "00001.png"]
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["num_samples"] == 6 and "eval/shapes_mean" in summary
+    assert 0 <= summary["eval/acc/overall"] <= 1 and (out / "samples.png").is_file()
