@@ -123,3 +123,29 @@ def test_detector_ignores_specks():
     for _ in range(20):
         img[rng.randrange(32), rng.randrange(32)] = (220, 30, 30)
     assert detect(img) == []
+
+
+def test_quality_term_is_one_on_clean_drawings_and_lower_on_ragged_ones():
+    import numpy as np
+
+    from flowpo.rewards.base import WeightedReward
+    from flowpo.tasks.shapes.detect import detect_with_quality
+
+    clean = draw([Obj("circle", "red", 5, 5, 10), Obj("square", "blue", 18, 18, 9)])
+    assert detect_with_quality(clean)[1] == 1.0
+    ragged = clean.copy()
+    rng = np.random.default_rng(0)
+    ys, xs = rng.integers(0, 32, 60), rng.integers(0, 32, 60)
+    ragged[ys, xs] = (30, 160, 40)  # stray green pixels: drawn, but in no shape
+    found, q = detect_with_quality(ragged)
+    assert 0.0 < q < 1.0 and {d.shape for d in found} <= {"circle", "square"}
+    assert detect_with_quality(draw([]))[1] == 0.0  # nothing drawn
+    meta = _meta("a photo of a red circle")
+    x = torch.from_numpy(np.stack([clean, ragged])).permute(0, 3, 1, 2).float() / 255
+    out = WeightedReward({"shapes": 1.0}, {"shapes": {"quality_weight": 0.5}})(
+        x, [meta["prompt"]] * 2, [meta] * 2
+    )
+    q = out.details["shapes/quality"]
+    assert q[0] == 1.0 and q[1] < 1.0
+    assert out.scores[0] == 1.0 + 0.5 * 1.0  # full partial credit + weight x quality
+    assert out.scores[0] > out.scores[1]

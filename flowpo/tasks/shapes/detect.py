@@ -87,6 +87,13 @@ def classify_shape(comp_mask: np.ndarray) -> str | None:
 
 def detect(image: Any) -> list[Detection]:
     """Objects in an image ((H, W, 3) uint8, or float (3, H, W)/(H, W, 3) in [0, 1])."""
+    return detect_with_quality(image)[0]
+
+
+def detect_with_quality(image: Any) -> tuple[list[Detection], float]:
+    """`detect`, plus how clean the drawing is: the fraction of non-background pixels that lie
+    in components recognised as shapes (0 for an empty image). Ragged blobs, stray pixels and
+    off-palette colours lower it; a rendered ground-truth scene scores 1."""
     arr = _to_uint8(image).astype(np.float32)
     dist = np.linalg.norm(arr[:, :, None, :] - _PALETTE[None, None], axis=-1)  # (H, W, 1+C)
     label = dist.argmin(-1)
@@ -104,7 +111,9 @@ def detect(image: Any) -> list[Detection]:
             if shape is not None:
                 found.append(Detection(shape, _NAMES[ci], (x0, y0, x1, y1), len(comp)))
     found.sort(key=lambda d: -d.area)
-    return found
+    drawn = int((label != 0).sum())
+    quality = sum(d.area for d in found) / drawn if drawn else 0.0
+    return found, quality
 
 
 def relative_position(box_a, box_b) -> set[str]:
