@@ -4,7 +4,7 @@
     flowpo sample --model DIR [--checkpoint CKPT] --prompt "..." [--num 4] [--out grid.png]
     flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
     flowpo pretrain-shapes OUT_DIR [--minutes 25]
-    flowpo make-tiny {sd3,flux} OUT_DIR
+    flowpo make-tiny {sd3,flux,qwen-image,bagel} OUT_DIR
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
     flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
     flowpo export RUN/checkpoints/checkpoint-N OUT_DIR [--ema] [--base DIR]
@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Builds a tiny random model (tokenizers trained offline) and saves it with "
         "save_pretrained, so it loads exactly like real weights.",
     )
-    m.add_argument("family", choices=["sd3", "flux"])
+    m.add_argument("family", choices=["sd3", "flux", "qwen-image", "bagel"])
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
 
@@ -276,7 +276,10 @@ def load_trainable(adapter, ckpt: Path) -> None:
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"checkpoint has unexpected LoRA keys: {result.unexpected_keys[:5]}")
     else:
-        module.load_state_dict(weights)
+        # a partial file (full fine-tuning of a subset) leaves the other weights at the base's
+        result = module.load_state_dict(weights, strict=not state.get("partial", False))
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -299,6 +302,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         dtype=DTYPES[cfg.model.dtype],
         resolution=cfg.model.resolution or None,
         guidance_scale=cfg.sampling.guidance_scale,
+        **cfg.model.options,
     )
     if args.checkpoint:
         load_trainable(adapter, Path(args.checkpoint))

@@ -25,14 +25,18 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "sd3"
-    """Adapter family: sd3 | flux | auto (read from model_index.json)."""
+    """Adapter family: sd3 | flux | qwen_image | bagel | auto (read from model_index.json, or
+    from Bagel's official files: llm_config.json, ema.safetensors, ae.safetensors)."""
     path: str = "tiny:sd3"
-    """Local diffusers model directory. `tiny:sd3` / `tiny:flux` builds a tiny random model
-    inside the run directory (CPU demos and tests)."""
+    """Local diffusers model directory. `tiny:sd3` / `tiny:flux` / `tiny:qwen-image` builds a
+    tiny random model inside the run directory (CPU demos and tests)."""
     dtype: str = "float32"
     """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32."""
     resolution: int = 0
     """Image side in pixels; 0 = the model's default sample size."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific adapter options, passed to the adapter's constructor; e.g. qwen_image:
+    cfg_norm_rescale, negative_prompt, max_sequence_length; sd3/flux: max_sequence_length."""
     drop_text_encoders: bool = False
     """Encode every training and eval prompt once at start, keep the embeddings and free the
     text encoders (they can outweigh the policy: T5-XXL, Qwen2.5-VL)."""
@@ -242,7 +246,7 @@ SECTIONS = {
 }
 
 _CHOICES = {
-    ("model", "family"): ("sd3", "flux", "auto"),
+    ("model", "family"): ("sd3", "flux", "qwen_image", "bagel", "auto"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("sampling", "sde_type"): ("flow", "cps", "dance"),
     ("sampling", "logprob_reduce"): ("mean", "sum"),
@@ -399,8 +403,13 @@ class Config:
                 f"model.path '{path}' does not exist; point it at a local diffusers model "
                 f"directory, or use tiny:sd3 / tiny:flux (or 'flowpo make-tiny sd3 DIR')"
             )
-        if path.startswith("tiny:") and path[5:] not in ("sd3", "flux"):
-            raise ConfigError(f"model.path '{path}': tiny models are tiny:sd3 and tiny:flux")
+        from flowpo.models.tiny import tiny_families
+
+        if path.startswith("tiny:") and path[5:] not in tiny_families():
+            raise ConfigError(
+                f"model.path '{path}': tiny models are "
+                + ", ".join(f"tiny:{f}" for f in tiny_families())
+            )
         if not self.reward.weights:
             raise ConfigError("reward.weights is empty; name at least one reward")
         from flowpo.rewards.base import known_rewards

@@ -60,6 +60,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, ema: bool = False, b
     pipeline_cls = _pipeline_class(json.loads(index.read_text())["_class_name"])
     weights = load_file(str(ckpt / name))
     out.mkdir(parents=True, exist_ok=True)
+    if state.get("partial"):
+        raise ExportError(
+            f"'{ckpt}' fine-tuned a subset of the model (e.g. Bagel's moe_gen weights); export "
+            "writes diffusers pipelines only — use the checkpoint with `flowpo sample`"
+        )
     if state["lora"]:
         from flowpo.models.base import MODEL_REGISTRY, _import_builtins, detect_family
 

@@ -6,7 +6,10 @@ trajectories (identical on every rank: same weights, same generator), keeps its 
 slice, and runs `GRPOTrainer.update` with fixed advantages. Rank 0 writes, per case, the
 trained weights (gathered), the global gradient norm and, per rank, the ZeRO partition report.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_update.py MODEL_DIR OUT.pt CASES_JSON
+    torchrun --standalone --nproc_per_node 2 tests/dist_update.py MODEL_DIR OUT.pt CASES_JSON [RECIPE]
+
+RECIPE (a configs/ stem, default tiny_sd3_jpeg) picks the model family's tiny recipe; the
+cases' overrides apply on top of it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 
 
-def run_case(name: str, overrides: list[str], model_dir: str, run_root: Path) -> dict:
+def run_case(
+    name: str,
+    overrides: list[str],
+    model_dir: str,
+    run_root: Path,
+    recipe: str = "tiny_sd3_jpeg",
+) -> dict:
     from flowpo.config import load_config
     from flowpo.trainer.data import PromptItem
     from flowpo.trainer.grpo import EpochData, GRPOTrainer
@@ -31,7 +40,7 @@ def run_case(name: str, overrides: list[str], model_dir: str, run_root: Path) ->
     rank = torch.distributed.get_rank()
     per_rank = GLOBAL_BATCH // world
     cfg = load_config(
-        str(ROOT / "configs" / "tiny_sd3_jpeg.yaml"),
+        str(ROOT / "configs" / f"{recipe}.yaml"),
         [
             f"--model.path={model_dir}",
             f"--logging.run_dir={run_root}",
@@ -90,12 +99,13 @@ def run_case(name: str, overrides: list[str], model_dir: str, run_root: Path) ->
 
 def main() -> None:
     model_dir, out, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    recipe = sys.argv[4] if len(sys.argv) > 4 else "tiny_sd3_jpeg"
     from flowpo.trainer.engine import close_distributed, init_distributed
 
     rank, _, _ = init_distributed()
     results = {}
     for name, overrides in cases.items():
-        results[name] = run_case(name, overrides, model_dir, out.parent / "runs")
+        results[name] = run_case(name, overrides, model_dir, out.parent / "runs", recipe)
     if rank == 0:
         torch.save(results, out)
     close_distributed()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.util
+import inspect
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -36,6 +37,10 @@ class PromptEmbeds:
     neg_prompt_embeds: Tensor | None = None  # (B, L, C) negative prompt (""), only under CFG
     neg_pooled: Tensor | None = None  # (B, P)
     extra: dict[str, Tensor] = field(default_factory=dict)  # family extras, each (B, ...)
+    # Token masks, for families whose prompts have per-row lengths (Qwen-Image): 1 = token,
+    # 0 = right padding. With masks, `cat` pads rows of different lengths instead of failing.
+    mask: Tensor | None = None  # (B, L) over prompt_embeds' tokens
+    neg_mask: Tensor | None = None  # (B, L') over neg_prompt_embeds' tokens
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -52,7 +57,22 @@ class PromptEmbeds:
             neg_prompt_embeds=opt(self.neg_prompt_embeds),
             neg_pooled=opt(self.neg_pooled),
             extra={k: fn(v) for k, v in self.extra.items()},
+            mask=opt(self.mask),
+            neg_mask=opt(self.neg_mask),
         )
+
+    def trimmed(self) -> PromptEmbeds:
+        """Without the padding columns no row uses (no-op without masks)."""
+        out = self._map(lambda t: t)
+        for emb, msk in (("prompt_embeds", "mask"), ("neg_prompt_embeds", "neg_mask")):
+            m = getattr(self, msk)
+            if m is None:
+                continue
+            used = torch.nonzero(m.any(dim=0))
+            length = int(used.max()) + 1 if used.numel() else 0
+            setattr(out, emb, getattr(self, emb)[:, :length])
+            setattr(out, msk, m[:, :length])
+        return out
 
     def index(self, idx: Tensor | Sequence[int]) -> PromptEmbeds:
         """Rows `idx` (a (K,) index tensor or list of ints) -> PromptEmbeds of length K."""
@@ -65,7 +85,10 @@ class PromptEmbeds:
         return self._map(lambda t: t.repeat_interleave(n, dim=0))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
+        """Move to `device`; `dtype` applies to floating tensors only (masks, ids keep theirs)."""
+        return self._map(
+            lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        )
 
     @classmethod
     def cat(cls, items: Sequence[PromptEmbeds]) -> PromptEmbeds:
@@ -82,12 +105,41 @@ class PromptEmbeds:
                 raise ValueError(f"PromptEmbeds.cat: '{name}' is set on some items but not all")
             return torch.cat(vals, dim=0)
 
+        def cat_tokens(emb: str, msk: str) -> tuple[Tensor | None, Tensor | None]:
+            """Embeddings of different token counts are right-padded (zeros, mask 0)."""
+            embs, masks = [getattr(e, emb) for e in items], [getattr(e, msk) for e in items]
+            if all(v is None for v in embs):
+                return None, cat_opt(msk)
+            if any(v is None for v in embs):
+                raise ValueError(f"PromptEmbeds.cat: '{emb}' is set on some items but not all")
+            length = max(v.shape[1] for v in embs)
+            if any(v.shape[1] != length for v in embs):
+                if any(m is None for m in masks):
+                    raise ValueError(
+                        f"PromptEmbeds.cat: '{emb}' has different token counts "
+                        f"{sorted({v.shape[1] for v in embs})} and no '{msk}' to pad with"
+                    )
+
+                def pad(t: Tensor) -> Tensor:
+                    extra = t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))
+                    return torch.cat([t, extra], dim=1)
+
+                embs, masks = [pad(v) for v in embs], [pad(m) for m in masks]
+            both = all(m is not None for m in masks)
+            if not both and any(m is not None for m in masks):
+                raise ValueError(f"PromptEmbeds.cat: '{msk}' is set on some items but not all")
+            return torch.cat(embs, dim=0), torch.cat(masks, dim=0) if both else None
+
+        pe, mask = cat_tokens("prompt_embeds", "mask")
+        neg, neg_mask = cat_tokens("neg_prompt_embeds", "neg_mask")
         return cls(
-            prompt_embeds=torch.cat([e.prompt_embeds for e in items], dim=0),
+            prompt_embeds=pe,
             pooled=cat_opt("pooled"),
-            neg_prompt_embeds=cat_opt("neg_prompt_embeds"),
+            neg_prompt_embeds=neg,
             neg_pooled=cat_opt("neg_pooled"),
             extra={k: torch.cat([e.extra[k] for e in items], dim=0) for k in first.extra},
+            mask=mask,
+            neg_mask=neg_mask,
         )
 
 
@@ -99,10 +151,12 @@ class ModelAdapter(abc.ABC):
 
     name: str = ""  # registry name, set by @register_model
     pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this adapter loads
+    layout_files: tuple[str, ...] = ()  # or: files that mark a non-diffusers layout (Bagel's)
     lora_targets: list[str] = []  # module-name suffixes for peft `target_modules`
     # Bound on cached prompts: a real SD3 prompt embedding is ~2.7 MB in bf16, so an unbounded
     # cache over a large prompt set would grow without limit; least recently used go first.
     max_cached_prompts: int = 1024
+    negative_prompt: str = ""  # the CFG negative ("" for SD3; Qwen-Image uses " ")
 
     def __init__(
         self,
@@ -130,10 +184,11 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode prompts with the text encoders (positive fields only), B = len(prompts)."""
+        """Encode prompts with the text encoders (positive fields only), B = len(prompts);
+        families with per-row lengths also return `mask`."""
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Embeddings for `prompts` (B rows), with the "" negative under CFG. Cached per prompt."""
+        """Embeddings for `prompts` (B rows), with the negative under CFG. Cached per prompt."""
         with torch.no_grad():
             missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
             if missing and getattr(self, "_cache_only", ""):
@@ -141,8 +196,9 @@ class ModelAdapter(abc.ABC):
             if missing:
                 enc = self._encode(missing)
                 for i, p in enumerate(missing):
+                    # unpadded (masked families), so a batch is padded to its own longest row;
                     # clone: a view would keep the whole batch's storage alive in the cache
-                    self._cache[p] = enc.index([i])._map(lambda t: t.clone())
+                    self._cache[p] = enc.index([i]).trimmed()._map(lambda t: t.clone())
             rows = []
             for p in prompts:
                 self._cache.move_to_end(p)
@@ -152,11 +208,13 @@ class ModelAdapter(abc.ABC):
                 self._cache.popitem(last=False)
             if self.cfg_active:
                 if self._negative is None:
-                    self._negative = self._encode([""])
+                    self._negative = self._encode([self.negative_prompt])
                 n = len(prompts)
                 out.neg_prompt_embeds = self._negative.prompt_embeds.expand(n, -1, -1).clone()
                 if self._negative.pooled is not None:
                     out.neg_pooled = self._negative.pooled.expand(n, -1).clone()
+                if self._negative.mask is not None:
+                    out.neg_mask = self._negative.mask.expand(n, -1).clone()
         return out
 
     def clear_prompt_cache(self) -> None:
@@ -175,7 +233,7 @@ class ModelAdapter(abc.ABC):
         for i in range(0, len(unique), 64):
             self.encode_prompts(unique[i : i + 64])
         if self._negative is None:
-            self._negative = self._encode([""])
+            self._negative = self._encode([self.negative_prompt])
         pipe = getattr(self, "pipe", None)
         if drop_encoders and pipe is not None:
             for name in list(self.frozen_modules()):
@@ -231,6 +289,13 @@ class ModelAdapter(abc.ABC):
         """The transformer (or whatever wraps it now: peft, DeepSpeed) velocity() calls."""
         assert self._transformer is not None, "adapter has no transformer loaded"
         return self._transformer
+
+    def full_trainable(self, name: str) -> bool:
+        """Whether full fine-tuning trains the trainable module's parameter `name` (a
+        `named_parameters()` name of the unwrapped module). Default: every parameter; a family
+        whose published full fine-tuning trains a subset (Bagel: the `moe_gen` expert) narrows
+        it. LoRA ignores it (peft trains only the adapters)."""
+        return True
 
     def set_trainable_module(self, module: nn.Module) -> None:
         """Make velocity() call `module` (e.g. a LoRA or DeepSpeed wrapper of the transformer).
@@ -299,6 +364,18 @@ def register_model(name: str) -> Callable[[type[ModelAdapter]], type[ModelAdapte
     return deco
 
 
+def _family_names() -> list[str]:
+    """Registered families, built-ins in `_BUILTIN_MODULES` order (not import order, which
+    depends on what was imported first), then any others by name."""
+
+    def rank(name: str) -> tuple[int, str]:
+        mod = MODEL_REGISTRY[name].__module__
+        hits = [i for i, m in enumerate(_BUILTIN_MODULES) if mod == m or mod.startswith(m + ".")]
+        return (hits[0] if hits else len(_BUILTIN_MODULES), name)
+
+    return sorted(MODEL_REGISTRY, key=rank)
+
+
 def _import_builtins() -> None:
     for mod in _BUILTIN_MODULES:
         if importlib.util.find_spec(mod) is not None:
@@ -306,13 +383,17 @@ def _import_builtins() -> None:
 
 
 def detect_family(model_dir: str) -> str:
-    """The registered family whose pipeline class model_index.json names (`_class_name`)."""
+    """The registered family whose pipeline class model_index.json names (`_class_name`), or
+    whose `layout_files` are all in the directory (layouts without model_index.json)."""
     _import_builtins()
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
+        for name, cls in MODEL_REGISTRY.items():
+            if cls.layout_files and all((Path(model_dir) / f).is_file() for f in cls.layout_files):
+                return name
         raise ModelLoadError(
             f"model.path '{model_dir}' has no model_index.json; set model.family explicitly "
-            f"(one of: {', '.join(MODEL_REGISTRY)}) or point it at a diffusers model directory"
+            f"(one of: {', '.join(_family_names())}) or point it at a diffusers model directory"
         )
     class_name = json.loads(index.read_text()).get("_class_name", "")
     for name, cls in MODEL_REGISTRY.items():
@@ -320,7 +401,7 @@ def detect_family(model_dir: str) -> str:
             return name
     raise ModelLoadError(
         f"model.path '{model_dir}' holds a '{class_name}', which no adapter loads; "
-        f"set model.family to one of: {', '.join(MODEL_REGISTRY)}"
+        f"set model.family to one of: {', '.join(_family_names())}"
     )
 
 
@@ -332,7 +413,7 @@ def load_adapter(family: str, model_dir: str, **kw: Any) -> ModelAdapter:
     _import_builtins()
     if family != "auto" and family not in MODEL_REGISTRY:
         raise ModelLoadError(
-            f"model.family '{family}' is unknown; choose one of: {', '.join(MODEL_REGISTRY)}"
+            f"model.family '{family}' is unknown; choose one of: {', '.join(_family_names())}"
         )
     if not Path(model_dir).is_dir():
         raise ModelLoadError(
@@ -341,4 +422,13 @@ def load_adapter(family: str, model_dir: str, **kw: Any) -> ModelAdapter:
         )
     if family == "auto":
         family = detect_family(model_dir)
-    return MODEL_REGISTRY[family](model_dir, **kw)
+    cls = MODEL_REGISTRY[family]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in kw if k not in params]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        options = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        raise ModelLoadError(
+            f"model.options: '{unknown[0]}' is not an option of the {family} adapter; "
+            f"it takes: {', '.join(options)}"
+        )
+    return cls(model_dir, **kw)

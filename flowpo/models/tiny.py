@@ -160,6 +160,61 @@ TINY_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
 }
+# Qwen-Image: Qwen2.5-VL text tower (vision tower instantiated but unused), the Wan-style VAE
+# (z_dim 4, factor 2 = 2 ** len(temperal_downsample)), a dual-stream transformer whose
+# in_channels = 4 × z_dim (2×2 packing), joint_attention_dim = text hidden size, rope axes sum
+# to the head dim; text head_dim 8 = 2 × sum(mrope_section).
+TINY_CONFIGS["qwen-image"] = {
+    "text": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+    ),
+    "vision": dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        fullatt_block_indexes=[0],
+    ),
+    "vae": dict(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        # the first four of Qwen-Image's per-channel latent statistics (vae/config.json)
+        latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
+        latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
+    ),
+    "transformer": dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    # Qwen/Qwen-Image scheduler/scheduler_config.json
+    "scheduler": dict(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    ),
+}
 
 
 def _clip_tokenizer(model_max_length: int) -> Any:
@@ -208,19 +263,25 @@ def _clip_tokenizer(model_max_length: int) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _replay_merges(pre_tokenizer: Any, text: str, allowed: set[tuple[str, str]]) -> list:
-    """BPE training restricted to `allowed` merges: repeatedly merge the most frequent pair
-    (ties: the smallest pair), so the merge order is the same in every process."""
+def _replay_merges(
+    pre_tokenizer: Any,
+    text: str,
+    allowed: set[tuple[str, str]] | None = None,
+    suffix: str = "</w>",
+) -> list:
+    """BPE training restricted to `allowed` merges (None: any pair): repeatedly merge the most
+    frequent pair (ties: the smallest pair), so the merge order is the same in every process.
+    `suffix` marks a word's last symbol (CLIP's "</w>"; "" for byte-level BPE without one)."""
     from collections import Counter
 
     counts = Counter(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
-    words = {w: [*w[:-1], w[-1] + "</w>"] for w in counts}
+    words = {w: [*w[:-1], w[-1] + suffix] for w in counts}
     order = []
     while True:
         pairs: Counter = Counter()
         for w, syms in words.items():
             for pair in zip(syms, syms[1:]):
-                if pair in allowed:
+                if allowed is None or pair in allowed:
                     pairs[pair] += counts[w]
         if not pairs:
             return order
@@ -362,7 +423,83 @@ def _make_flux(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> An
     )
 
 
-_BUILDERS = {"sd3": _make_sd3, "flux": _make_flux}
+def _qwen_tokenizer() -> Any:
+    """A byte-level BPE Qwen2 tokenizer learned on `_WORDS` and Qwen-Image's prompt template,
+    with the <|im_start|>/<|im_end|> specials: like the real one it splits the template's
+    system/user prefix into exactly 34 tokens (the count the pipeline drops)."""
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from flowpo.models.qwen_image import PROMPT_TEMPLATE
+
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    text = PROMPT_TEMPLATE.format(" " + " ".join(_WORDS))
+    for sp in specials:
+        text = text.replace(sp, "\n")
+    merges = _replay_merges(pre, text, suffix="")  # every word of the text becomes one token
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for sp in specials:
+        vocab[sp] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tok.add_tokens([AddedToken(sp, special=True) for sp in specials[1:]])
+    return tok
+
+
+def _make_qwen_image(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    factor = 2 ** len(cfg["vae"]["temperal_downsample"])
+    if resolution % (factor * 2):
+        raise ValueError(
+            f"resolution ({resolution}) must be a multiple of {factor * 2} "
+            "(VAE factor × 2×2 packing) for the tiny qwen-image model"
+        )
+    tok = _qwen_tokenizer()
+    ids = {k: tok.convert_tokens_to_ids(k) for k in ("<|endoftext|>", "<|im_end|>")}
+    te_cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            **cfg["text"],
+        ),
+        vision_config=cfg["vision"],
+    )
+    text_encoder = _seeded(seed + 1, lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))
+    vae = _seeded(seed + 20, lambda: AutoencoderKLQwenImage(**cfg["vae"]))
+    tcfg = cfg["transformer"]
+    transformer = _seeded(seed + 30, lambda: QwenImageTransformer2DModel(**tcfg))
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        transformer=transformer,
+    )
+
+
+_BUILDERS = {"sd3": _make_sd3, "flux": _make_flux, "qwen-image": _make_qwen_image}
+
+
+def tiny_families() -> list[str]:
+    """The families `make_tiny` builds (the CLI's choices and `tiny:FAMILY` paths)."""
+    return [*_BUILDERS, "bagel"]
 
 
 def make_tiny(family: str, out_dir: str, *, seed: int = 0, resolution: int = 32) -> str:
@@ -371,6 +508,10 @@ def make_tiny(family: str, out_dir: str, *, seed: int = 0, resolution: int = 32)
     The same `seed` gives the same weights. `resolution` (pixels, square) sets the VAE and
     transformer sample sizes, i.e. the default image size of the adapters.
     """
+    if family == "bagel":  # not a diffusers pipeline: the official Bagel directory layout
+        from flowpo.models.bagel.tiny import write_tiny_bagel
+
+        return write_tiny_bagel(out_dir, seed=seed, resolution=resolution)
     if family not in _BUILDERS:
         raise ValueError(
             f"make-tiny family '{family}' is unknown; choose one of: {', '.join(_BUILDERS)}"

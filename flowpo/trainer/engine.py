@@ -145,6 +145,7 @@ class Engine:
         module: nn.Module,
         *,
         lora_targets: list[str],
+        full_trainable=None,
         grad_accum: int,
         rank: int,
         world_size: int,
@@ -174,6 +175,9 @@ class Engine:
             # (only when the KL term needs it); under ZeRO-3 it is sharded like the policy
             ref = copy.deepcopy(module).requires_grad_(False).eval() if cfg.train.beta > 0 else None
             module.requires_grad_(True)
+            if full_trainable is not None:  # the adapter's full-fine-tuning scope (Bagel: moe_gen)
+                for name, p in module.named_parameters():
+                    p.requires_grad_(bool(full_trainable(name)))
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("no trainable parameters; check train.lora and the LoRA targets")
@@ -274,8 +278,8 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA weights (peft names) or, for full fine-tuning, the module's whole state dict,
-        as full CPU tensors on rank 0 ({} on the other ranks). Under ZeRO-3 the shards are
+        """LoRA weights (peft names) or, for full fine-tuning, the module's state dict (trained
+        parameters and buffers; frozen parameters are the base model's), as full CPU tensors on rank 0 ({} on the other ranks). Under ZeRO-3 the shards are
         gathered one parameter at a time, so no rank ever holds the whole model at once.
         Collective: every rank must call it."""
         import deepspeed
@@ -297,6 +301,8 @@ class Engine:
         params = dict(inner.named_parameters())
         out: dict[str, torch.Tensor] = {}
         for key, value in inner.state_dict().items():
+            if key in params and not params[key].requires_grad:
+                continue  # outside the full-fine-tuning scope: the base model's, unchanged
             if key in params:
                 with gathered([params[key]]):
                     if self.is_rank0:

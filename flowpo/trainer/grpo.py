@@ -71,7 +71,9 @@ def resolve_model_path(cfg: Config, run_dir: Path, build: bool = True) -> str:
     from flowpo.models.tiny import make_tiny
 
     out = run_dir / "base_model"
-    if build and not (out / "model_index.json").is_file():
+    # diffusers layout (model_index.json) or the official Bagel layout (llm_config.json)
+    built = any((out / f).is_file() for f in ("model_index.json", "llm_config.json"))
+    if build and not built:
         make_tiny(path.split(":", 1)[1], str(out), seed=cfg.train.seed)
     return str(out)
 
@@ -195,6 +197,7 @@ class GRPOTrainer:
             dtype=DTYPES[cfg.model.dtype],
             resolution=cfg.model.resolution or None,
             guidance_scale=cfg.sampling.guidance_scale,
+            **cfg.model.options,
         )
         self.adapter.freeze_frozen_parts()
         prompts, metas = load_prompt_items(cfg.rollout.prompt_file, cfg.rollout.prompts)
@@ -235,6 +238,7 @@ class GRPOTrainer:
             cfg,
             self.adapter.trainable_module,
             lora_targets=self.adapter.lora_targets,
+            full_trainable=self.adapter.full_trainable,
             grad_accum=self.sizes["gradient_accumulation_steps"],
             rank=self.rank,
             world_size=self.world,
@@ -657,7 +661,14 @@ class GRPOTrainer:
             from safetensors.torch import save_file
 
             save_file(trainable, str(tmp / "trainable.safetensors"))
-            state = {"epoch": epoch, "lora": self.cfg.train.lora, "history": self.history}
+            state = {
+                "epoch": epoch,
+                "lora": self.cfg.train.lora,
+                # full fine-tuning of a subset (Bagel's moe_gen): the file holds only that subset
+                "partial": not self.cfg.train.lora
+                and any(not p.requires_grad for p in self.engine.module.module.parameters()),
+                "history": self.history,
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             self.cfg.save(tmp / "config.yaml")
         if self.world > 1:
