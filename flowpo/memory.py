@@ -232,13 +232,16 @@ class ModelSpec:
 
 def _adapter_targets(family: str) -> list[str]:
     from flowpo.models.flux import FluxAdapter
+    from flowpo.models.qwen_image import QwenImageAdapter
     from flowpo.models.sd3 import SD3Adapter
 
-    return list({"sd3": SD3Adapter, "flux": FluxAdapter}[family].lora_targets)
+    adapters = {"sd3": SD3Adapter, "flux": FluxAdapter, "qwen_image": QwenImageAdapter}
+    return list(adapters[family].lora_targets)
 
 
-# LoRA ranks: Flow-GRPO's SD3.5/FLUX recipes (configs/*_flow_grpo_*.yaml: r 32) and Bagel's
-# (BAGEL.md §9: r 64); Qwen-Image has no flowpo recipe yet: r 32 on the SD3 attention set.
+# LoRA ranks: Flow-GRPO's SD3.5/FLUX recipes (configs/*_flow_grpo_*.yaml: r 32), Qwen-Image's
+# (configs/qwen_image_pickscore.yaml: r 64 on the adapter's targets) and Bagel's (BAGEL.md §9:
+# r 64).
 MODELS: dict[str, ModelSpec] = {
     "SD3.5-M": ModelSpec(
         "SD3.5-M", _sd35_medium, (), 32, note="transformer; CLIP-L, CLIP-G, T5-XXL, VAE frozen"
@@ -247,7 +250,7 @@ MODELS: dict[str, ModelSpec] = {
         "FLUX.1-dev", _flux1_dev, (), 32, note="transformer; CLIP-L, T5-XXL, VAE frozen"
     ),
     "Qwen-Image": ModelSpec(
-        "Qwen-Image", _qwen_image, (), 32, note="transformer; Qwen2.5-VL-7B, VAE frozen"
+        "Qwen-Image", _qwen_image, (), 64, note="transformer; Qwen2.5-VL-7B, VAE frozen"
     ),
     "Bagel-7B-MoT": ModelSpec(
         "Bagel-7B-MoT",
@@ -258,7 +261,7 @@ MODELS: dict[str, ModelSpec] = {
         note="full = generation expert (moe_gen) only; und expert, embeddings, VAE frozen",
     ),
 }
-_TARGET_FAMILY = {"SD3.5-M": "sd3", "FLUX.1-dev": "flux", "Qwen-Image": "sd3"}
+_TARGET_FAMILY = {"SD3.5-M": "sd3", "FLUX.1-dev": "flux", "Qwen-Image": "qwen_image"}
 
 
 def lora_targets_for(model: str) -> list[str]:

@@ -430,6 +430,32 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
     assert w and all("lora_" in k for k in w)
     assert any(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k)
 
+    # export round trip: diffusers' QwenImagePipeline.load_lora_weights restores the policy
+    from diffusers import QwenImagePipeline
+
+    from flowpo.cli import load_trainable
+
+    ckpt, out = lora.parent, tmp_path / "export"
+    p = run_flowpo("export", str(ckpt), str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    base = str(tmp_path / "q" / "base_model")
+    policy = load_adapter("qwen_image", base, guidance_scale=4.0, resolution=32)
+    load_trainable(policy, ckpt)
+    pipe = QwenImagePipeline.from_pretrained(base, local_files_only=True)
+    pipe.load_lora_weights(str(out))
+    theirs = load_adapter("qwen_image", base, guidance_scale=4.0, resolution=32)
+    theirs.set_trainable_module(pipe.transformer)
+    plain = load_adapter("qwen_image", base, guidance_scale=4.0, resolution=32)
+    x = policy.initial_noise(2, torch.Generator().manual_seed(0))
+    s = torch.tensor([0.7, 0.3])
+    prompts = ["a red circle", "two blue squares"]
+    with torch.no_grad():
+        v_policy = policy.velocity(x, s, policy.encode_prompts(prompts))
+        v_export = theirs.velocity(x, s, theirs.encode_prompts(prompts))
+        v_base = plain.velocity(x, s, plain.encode_prompts(prompts))
+    torch.testing.assert_close(v_export, v_policy, atol=1e-5, rtol=1e-5)
+    assert (v_policy - v_base).abs().max() > 1e-6
+
 
 # ---- 2-rank ZeRO-3 -------------------------------------------------------------------------
 @pytest.mark.slow
