@@ -61,6 +61,12 @@ def run_case(
     trainer.setup()
     report = trainer.engine.partition_report()
     adapter = trainer.adapter
+    evaluation = None
+    if any(o.startswith("--eval.seeds") for o in overrides):  # the base policy's evaluation,
+        from flowpo.trainer.evaluation import run_eval  # chunks split across the ranks
+
+        res = run_eval(adapter, trainer.reward, cfg)
+        evaluation = (res.reward_mean, res.reward_std, res.num_samples)
     prompts = [cfg.rollout.prompts[i % len(cfg.rollout.prompts)] for i in range(GLOBAL_BATCH)]
     embeds = adapter.encode_prompts(prompts)
     sigmas = trainer._schedule()
@@ -90,6 +96,7 @@ def run_case(
         "loss": metrics["train/loss"],
         "reports": reports,
         "sizes": trainer.sizes,
+        "eval": evaluation,
         "ref_is_engine": type(trainer.engine.ref_module).__name__,
         "activation_checkpointing": bool(
             getattr(trainer.engine.module.module, "gradient_checkpointing", False)

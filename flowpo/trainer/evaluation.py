@@ -80,25 +80,46 @@ def run_eval(
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
     steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     bs = max(cfg.rollout.batch_size, 16)
-    scores, strict, images, details = [], [], [], []
     grid_n, cols = min(cfg.eval.grid_prompts, len(prompts)), min(8, len(seeds))
-    chunks = progress(range(0, len(pairs), bs), desc="eval", enabled=show_progress)
-    for start in chunks:
-        chunk = pairs[start : start + bs]
+    starts = list(range(0, len(pairs), bs))
+    # several ranks: chunk c on rank c % world (the same batches as on one rank, so the same
+    # numbers); every rank runs the same number of chunks (ZeRO-3 gathers are collective),
+    # a rank short of one repeats its last chunk and drops the result
+    world, rank = _world()
+    per_rank = -(-len(starts) // world)
+    mine = [c for c in range(rank, len(starts), world)]
+    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+    results: dict[int, tuple] = {}
+    for n, c in enumerate(progress(mine, desc="eval", enabled=show_progress)):
+        chunk = pairs[starts[c] : starts[c] + bs]
         emb = adapter.encode_prompts([prompts[i] for i, _ in chunk])
         imgs = sample_ode(adapter, emb, steps, [s for _, s in chunk])
         out = reward(imgs, [prompts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
-        scores.append(out.scores)
-        details.append(out.details)
+        if n >= len(range(rank, len(starts), world)):
+            continue  # padding
         if save_dir is not None:
             for j, (i, s) in enumerate(chunk):
                 save_sample(Path(save_dir), i, seeds.index(s), imgs[j])
         keys = [k for k in out.details if k.endswith("/strict")]
         # NaN where a batch was masked (failure=mask) and its reward's details are missing
-        strict.append(out.details[keys[0]] if keys else torch.full_like(out.scores, torch.nan))
+        st = out.details[keys[0]] if keys else torch.full_like(out.scores, torch.nan)
         keep = [j for j, (i, s) in enumerate(chunk) if i < grid_n and s in seeds[:cols]]
-        if keep:
-            images.append(imgs[keep].cpu())
+        grid = imgs[keep].cpu() if keep else None
+        results[c] = (
+            out.scores.cpu(),
+            {k: v.cpu() for k, v in out.details.items()},
+            st.cpu(),
+            grid,
+        )
+    if world > 1:
+        everyone: list = [None] * world
+        torch.distributed.all_gather_object(everyone, results)
+        results = {c: r for part in everyone for c, r in part.items()}
+    ordered = [results[c] for c in range(len(starts))]
+    scores = [r[0] for r in ordered]
+    details = [r[1] for r in ordered]
+    strict = [r[2] for r in ordered]
+    images = [r[3] for r in ordered if r[3] is not None]
     all_scores = torch.cat(scores)
     ok = torch.isfinite(all_scores)  # NaN: masked by a reward's failure=mask policy
     kept = all_scores[ok]
@@ -127,6 +148,13 @@ def run_eval(
         res.accuracy["overall"] = sum(res.accuracy.values()) / len(res.accuracy)
         res.counts["overall"] = int(torch.isfinite(ok).sum())
     return res
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 def save_eval_grid(res: EvalResult, path: Path) -> Path | None:
