@@ -3,7 +3,7 @@
     flowpo train [-c configs/RECIPE.yaml] [--section.field=value ...] [--resume DIR|latest]
     flowpo sample --model DIR [--checkpoint CKPT] --prompt "..." [--num 4] [--out grid.png]
     flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
-    flowpo pretrain-shapes OUT_DIR [--minutes 25]
+    flowpo pretrain-shapes OUT_DIR [--steps 5000] [--minutes 40]
     flowpo make-tiny {sd3,flux,qwen-image,bagel} OUT_DIR
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
     flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p2.add_argument("out_dir")
     p2.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap")
     p2.add_argument(
-        "--steps", type=int, default=3000, help="optimizer steps (the committed base: 3000)"
+        "--steps", type=int, default=5000, help="optimizer steps (the committed base: 5000)"
     )
     p2.add_argument("--batch-size", type=int, default=64)
     p2.add_argument("--lr", type=float, default=1e-3)
