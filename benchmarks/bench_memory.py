@@ -1,7 +1,7 @@
 """Memory benchmark: per-rank model states under ZeRO 0/2/3, measured, and which real configs fit.
 
     python benchmarks/bench_memory.py                 # ~40 s on a 2-core CPU
-    python benchmarks/bench_memory.py --skip-measure  # only the real-model table (~10 s)
+    python benchmarks/bench_memory.py --skip-measure  # only print the real-model table (~10 s)
 
 (1) Measured. flowpo's real `Engine` (flowpo/trainer/engine.py, DeepSpeed, bf16, the shipped
 ds_configs/zero{0,2,3}.json) wraps a tiny SD3 transformer (tiny.py's SD3 config widened to
@@ -373,6 +373,8 @@ def main() -> None:
         "",
     ]
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.skip_measure:  # a quick look: keep the results files, which hold the measured part
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -122,16 +122,6 @@ BAGEL_LLM = dict(
 # fmt: on
 BAGEL_MAX_LATENT_SIZE = 64  # latent_pos_embed rows = 64² (BAGEL.md §1)
 BAGEL_PATCH_DIM = 64  # 2² × 16 latent channels (BAGEL.md §1)
-# BAGEL.md §9 (Flow-GRPO's pickscore_bagel_lora): r 64 on the generation expert's projections
-BAGEL_LORA_TARGETS = [
-    "self_attn.q_proj_moe_gen",
-    "self_attn.k_proj_moe_gen",
-    "self_attn.v_proj_moe_gen",
-    "self_attn.o_proj_moe_gen",
-    "mlp_moe_gen.gate_proj",
-    "mlp_moe_gen.up_proj",
-    "mlp_moe_gen.down_proj",
-]
 
 
 # -- meta-device builders -----------------------------------------------------------------------
@@ -231,11 +221,17 @@ class ModelSpec:
 
 
 def _adapter_targets(family: str) -> list[str]:
+    from flowpo.models.bagel import BagelAdapter
     from flowpo.models.flux import FluxAdapter
     from flowpo.models.qwen_image import QwenImageAdapter
     from flowpo.models.sd3 import SD3Adapter
 
-    adapters = {"sd3": SD3Adapter, "flux": FluxAdapter, "qwen_image": QwenImageAdapter}
+    adapters = {
+        "sd3": SD3Adapter,
+        "flux": FluxAdapter,
+        "qwen_image": QwenImageAdapter,
+        "bagel": BagelAdapter,  # BAGEL.md §9: the generation expert's projections
+    }
     return list(adapters[family].lora_targets)
 
 
@@ -255,13 +251,18 @@ MODELS: dict[str, ModelSpec] = {
     "Bagel-7B-MoT": ModelSpec(
         "Bagel-7B-MoT",
         _bagel,
-        tuple(BAGEL_LORA_TARGETS),
+        (),
         64,
         full_trainable=_bagel_gen_only,
         note="full = generation expert (moe_gen) only; und expert, embeddings, VAE frozen",
     ),
 }
-_TARGET_FAMILY = {"SD3.5-M": "sd3", "FLUX.1-dev": "flux", "Qwen-Image": "qwen_image"}
+_TARGET_FAMILY = {
+    "SD3.5-M": "sd3",
+    "FLUX.1-dev": "flux",
+    "Qwen-Image": "qwen_image",
+    "Bagel-7B-MoT": "bagel",
+}
 
 
 def lora_targets_for(model: str) -> list[str]:

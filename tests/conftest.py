@@ -60,3 +60,15 @@ def add_active_lora(adapter, seed: int = 0):
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return module
+
+
+@pytest.fixture(scope="session")
+def zero3_threshold0(tmp_path_factory) -> str:
+    """ZeRO-3 template with no persisted parameters: every tiny tensor is really partitioned."""
+    import json
+
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_p0.json"
+    path.write_text(json.dumps(ds))
+    return str(path)

@@ -70,16 +70,6 @@ def sd3_dir(tiny_dirs):
     return tiny_dirs["sd3"]
 
 
-@pytest.fixture(scope="module")
-def zero3_threshold0(tmp_path_factory) -> str:
-    """ZeRO-3 template with no persisted parameters: every tiny tensor is really partitioned."""
-    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path_factory.mktemp("ds") / "zero3_p0.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
 # -- §6.7: one update of the same global batch, every layout -------------------------------------
 def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
     sd3_dir, zero3_threshold0, tmp_path

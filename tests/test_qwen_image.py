@@ -459,17 +459,13 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
 
 # ---- 2-rank ZeRO-3 -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, tmp_path):
+def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold0, tmp_path):
     from safetensors.torch import load_file
 
     from tests.test_distributed import _run, _torchrun
 
-    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
-    z3cfg = tmp_path / "zero3_p0.json"
-    z3cfg.write_text(json.dumps(ds))
     common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
-    z3 = ["--engine.zero_stage=3", f"--engine.ds_config={z3cfg}"]
+    z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
     one = {"lora": common, "full": [*common, "--train.lora=false"]}
     two = {
         "lora_z3": [*common, *z3],

@@ -10,7 +10,6 @@ Qwen2 format, trained in code with a fixed tie-break, plus the Qwen2.5 special t
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +30,7 @@ TINY_LLM = dict(
 )
 TINY_MAX_LATENT_SIZE = 8
 TINY_VAE = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z=16)
-_NUM_MERGES = 2000  # until no pair is left: every word of the list is one token
 _SPECIALS = ["<|endoftext|>", BOS, EOS, SOI, EOI]
-
-
-def _bpe_merges(words: list[str], pre_tokenizer: Any, limit: int) -> list[tuple[str, str]]:
-    """Byte-level BPE training with a deterministic tie-break (most frequent pair, then the
-    smallest): `tokenizers`' trainer breaks ties in hash order, which changes ids from process
-    to process (see flowpo/models/tiny.py `_replay_merges`)."""
-    counts = Counter(p for p, _ in pre_tokenizer.pre_tokenize_str(" ".join(words)))
-    seqs = {w: list(w) for w in counts}
-    merges: list[tuple[str, str]] = []
-    while len(merges) < limit:
-        pairs: Counter = Counter()
-        for w, syms in seqs.items():
-            for pair in zip(syms, syms[1:]):
-                pairs[pair] += counts[w]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for w, syms in seqs.items():
-            i, out = 0, []
-            while i < len(syms):
-                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
-                    out.append(syms[i] + syms[i + 1])
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            seqs[w] = out
-    return merges
 
 
 def tiny_tokenizer() -> Any:
@@ -70,11 +39,13 @@ def tiny_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
     from transformers import AddedToken, Qwen2Tokenizer
 
-    from flowpo.models.tiny import _WORDS
+    from flowpo.models.tiny import _WORDS, _replay_merges
 
     probe = Qwen2Tokenizer()  # only for its pre-tokeniser (Qwen2 regex + byte level)
     pre = probe._tokenizer.pre_tokenizer
-    merges = _bpe_merges(_WORDS, pre, _NUM_MERGES)
+    # deterministic BPE (the `tokenizers` trainer breaks ties in hash order); byte-level: no
+    # end-of-word suffix; it merges until no pair is left, so every listed word is one token
+    merges = _replay_merges(pre, " ".join(_WORDS), None, suffix="")
     vocab: dict[str, int] = {}
     for piece in sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]:
         vocab.setdefault(piece, len(vocab))
