@@ -87,15 +87,16 @@ def run_eval(
     # a rank short of one repeats its last chunk and drops the result
     world, rank = _world()
     per_rank = -(-len(starts) // world)
-    mine = [c for c in range(rank, len(starts), world)]
-    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+    mine = list(range(rank, len(starts), world))
+    real = len(mine)
+    mine += [mine[-1] if mine else 0] * (per_rank - real)
     results: dict[int, tuple] = {}
     for n, c in enumerate(progress(mine, desc="eval", enabled=show_progress)):
         chunk = pairs[starts[c] : starts[c] + bs]
         emb = adapter.encode_prompts([prompts[i] for i, _ in chunk])
         imgs = sample_ode(adapter, emb, steps, [s for _, s in chunk])
         out = reward(imgs, [prompts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
-        if n >= len(range(rank, len(starts), world)):
+        if n >= real:
             continue  # padding
         if save_dir is not None:
             for j, (i, s) in enumerate(chunk):
