@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     p2.add_argument("--batch-size", type=int, default=64)
     p2.add_argument("--lr", type=float, default=1e-3)
     p2.add_argument("--seed", type=int, default=0)
+    p2.add_argument(
+        "--sigma-shift",
+        type=float,
+        default=1.0,
+        help="static shift of the training sigmas and of the saved scheduler (committed: 1)",
+    )
 
     g = sub.add_parser(
         "make-prompts",
@@ -384,6 +390,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        sigma_shift=args.sigma_shift,
         log=lambda m: print(m, flush=True),
     )
     return 0

@@ -1,5 +1,6 @@
 """Shapes world: prompt generator and splits, renderer, detector and GenEval-rule scorer."""
 
+import math
 import random
 
 import pytest
@@ -149,3 +150,19 @@ def test_quality_term_is_one_on_clean_drawings_and_lower_on_ragged_ones():
     assert q[0] == 1.0 and q[1] < 1.0
     assert out.scores[0] == 1.0 + 0.5 * 1.0  # full partial credit + weight x quality
     assert out.scores[0] > out.scores[1]
+
+
+def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
+    """`flowpo pretrain-shapes` in miniature: two steps, then the saved directory loads as an
+    SD3 pipeline whose scheduler carries the shift the sigmas were trained under."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowpo.tasks.shapes.pretrain import pretrain
+
+    summary = pretrain(
+        str(tmp_path), steps=2, batch_size=4, eval_every=10**9, sigma_shift=2.5, log=lambda m: m
+    )
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path), vae=None, local_files_only=True)
+    assert pipe.scheduler.config.shift == 2.5
+    assert (tmp_path / "pretrain_summary.json").is_file()
