@@ -85,6 +85,8 @@ def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_
         "--logging.run_name=stat",
         "--logging.wandb=off",
         f"--rollout.prompt_file={prompts}",
+        "--rollout.plan=window",  # the layout this check was calibrated on (default: full, CFG)
+        "--sampling.guidance_scale=1",
         "--rollout.batch_size=16",
         "--rollout.num_batches=2",
         "--train.epochs=12",

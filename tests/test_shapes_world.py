@@ -166,3 +166,16 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path), vae=None, local_files_only=True)
     assert pipe.scheduler.config.shift == 2.5
     assert (tmp_path / "pretrain_summary.json").is_file()
+
+
+def test_overall_standard_error_combines_binomial_tag_errors():
+    from flowpo.trainer.evaluation import EvalResult, accuracy_table
+
+    res = EvalResult(reward_mean=0.5, reward_std=0.1, num_samples=60)
+    res.accuracy = {"colors": 0.5, "counting": 0.2, "overall": 0.35}
+    res.counts = {"colors": 20, "counting": 40, "overall": 60}
+    want = math.sqrt(0.5 * 0.5 / 20 + 0.2 * 0.8 / 40) / 2
+    assert math.isclose(res.overall_se(), want, rel_tol=1e-12)
+    assert math.isclose(res.metrics()["eval/acc_se/overall"], want, rel_tol=1e-12)
+    assert f"before {want:.3f}, after {want:.3f}" in accuracy_table(res, res)
+    assert math.isnan(EvalResult(reward_mean=0.0, reward_std=0.0, num_samples=0).overall_se())

@@ -5,6 +5,7 @@ accuracy per GenEval tag and overall. Shared by the trainer and `flowpo eval`.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,21 @@ class EvalResult:
     detail_means: dict[str, float] = field(default_factory=dict)  # e.g. each reward's mean
     masked: int = 0  # samples a reward could not score (failure=mask), left out of the means
 
+    def overall_se(self) -> float:
+        """Standard error of the overall accuracy (GenEval's mean over tags): binomial per tag,
+        sqrt(p (1 - p) / n), the tags independent, so se = sqrt(sum se_t^2) / #tags. NaN
+        without per-tag accuracies."""
+        tags = [t for t in self.accuracy if t != "overall"]
+        if not tags:
+            return float("nan")
+        var = sum(self.accuracy[t] * (1 - self.accuracy[t]) / self.counts[t] for t in tags)
+        return math.sqrt(var) / len(tags)
+
     def metrics(self) -> dict[str, float]:
         out = {"eval/reward_mean": self.reward_mean, "eval/reward_std": self.reward_std}
         out.update({f"eval/acc/{k}": v for k, v in self.accuracy.items()})
+        if self.accuracy:
+            out["eval/acc_se/overall"] = self.overall_se()
         out.update({f"eval/{k}_mean": v for k, v in self.detail_means.items()})
         if self.masked:
             out["eval/masked"] = float(self.masked)
@@ -178,4 +191,14 @@ def accuracy_table(before: EvalResult | None, after: EvalResult) -> str:
             lines.append(f"{tag:<15}{n:>5}  {b:6.3f}  {acc:6.3f}  {100 * (acc - b):+6.1f} pt")
         else:
             lines.append(f"{tag:<15}{n:>5}  {acc:6.3f}")
+    # one fixed-seed evaluation of a few hundred samples moves by a few points between
+    # neighbouring checkpoints; say how much the overall number itself can be trusted
+    se = after.overall_se()
+    if before and before.accuracy:
+        lines.append(
+            f"standard error of overall (binomial per tag): before {before.overall_se():.3f}, "
+            f"after {se:.3f}"
+        )
+    else:
+        lines.append(f"standard error of overall (binomial per tag): {se:.3f}")
     return "\n".join(lines)
