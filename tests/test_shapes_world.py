@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,30 @@ def test_overall_standard_error_combines_binomial_tag_errors():
     assert math.isclose(res.metrics()["eval/acc_se/overall"], want, rel_tol=1e-12)
     assert f"before {want:.3f}, after {want:.3f}" in accuracy_table(res, res)
     assert math.isnan(EvalResult(reward_mean=0.0, reward_std=0.0, num_samples=0).overall_se())
+
+
+def test_exact_counts_closes_the_at_least_loophole_in_partial_credit_only():
+    """GenEval passes "a photo of a circle" on two circles and a square; with exact_counts the
+    training score loses a point for the extra circle and one for the unnamed square, while
+    strict correctness (evaluation) stays GenEval's."""
+    m = _meta("a photo of a circle")
+    clutter = [
+        Obj("circle", "red", 1, 1, 9),
+        Obj("circle", "blue", 20, 1, 9),
+        Obj("square", "green", 10, 20, 9),
+    ]
+    ok, sc, _ = score(detect(draw(clutter)), m)
+    assert ok and sc == 1.0
+    ok, sc, _ = score(detect(draw(clutter)), m, exact_counts=True)
+    assert ok and abs(sc - 1 / 3) < 1e-9  # count ok; too many circles; unnamed square
+    ok, sc, _ = score(detect(draw(clutter[:1])), m, exact_counts=True)
+    assert ok and sc == 1.0  # a clean answer keeps full credit
+    # through the reward's options
+    from flowpo.rewards.base import WeightedReward
+
+    x = torch.from_numpy(np.stack([draw(clutter), draw(clutter[:1])])).permute(0, 3, 1, 2)
+    out = WeightedReward({"shapes": 1.0}, {"shapes": {"exact_counts": True}})(
+        x.float() / 255, [m["prompt"]] * 2, [m] * 2
+    )
+    assert abs(out.scores[0].item() - 1 / 3) < 1e-6 and out.scores[1].item() == 1.0
+    assert out.details["shapes/strict"].tolist() == [1.0, 1.0]

@@ -9,10 +9,14 @@ from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
 
 
 @register_reward("shapes")
-def shapes_reward(position_failure_point: bool = False, quality_weight: float = 0.0):
+def shapes_reward(
+    position_failure_point: bool = False, quality_weight: float = 0.0, exact_counts: bool = False
+):
     """quality_weight > 0 adds a dense drawing-quality term (the fraction of drawn pixels in
     recognised shapes, `details["quality"]`) to the partial credit: GenEval's score is flat
-    while shapes are too ragged to detect, the quality term grades that."""
+    while shapes are too ragged to detect, the quality term grades that. exact_counts adds
+    checks against extra objects to the partial credit (see `detect.score`); `strict` stays
+    GenEval's rule, so evaluations are unchanged."""
     from flowpo.tasks.shapes.detect import detect_with_quality, score
 
     def fn(images, prompts, metadata) -> RewardOutput:
@@ -24,7 +28,12 @@ def shapes_reward(position_failure_point: bool = False, quality_weight: float = 
                     "rollout.prompt_file=shapes:train (or a GenEval-style .jsonl)"
                 )
             found, q = detect_with_quality(img)
-            ok, sc, _ = score(found, meta, position_failure_point=position_failure_point)
+            ok, sc, _ = score(
+                found,
+                meta,
+                position_failure_point=position_failure_point,
+                exact_counts=exact_counts,
+            )
             partial.append(sc + quality_weight * q)
             strict.append(float(ok))
             quality.append(q)

@@ -140,13 +140,23 @@ def relative_position(box_a, box_b) -> set[str]:
 
 
 def score(
-    detections: list[Detection], meta: dict[str, Any], *, position_failure_point: bool = False
+    detections: list[Detection],
+    meta: dict[str, Any],
+    *,
+    position_failure_point: bool = False,
+    exact_counts: bool = False,
 ) -> tuple[bool, float, list[str]]:
     """(strict correctness, partial-credit score in [0, 1], reasons) for one image.
 
     Partial credit: every check (count, colour, position of each include clause; each exclude
     clause) is one point, the score is points / checks. `position_failure_point` mimics the
     published Flow-GRPO GenEval score, which still adds a full point after a position failure.
+
+    `exact_counts` adds checks that are not GenEval's, for a training reward without its "at
+    least N" loophole (a policy that tiles the canvas with objects passes GenEval's
+    single- and two-object prompts): one per class the prompt names (no more objects of it than
+    its clauses ask for) and one for no object of a class the prompt does not name. They change
+    the partial credit only; strict correctness stays GenEval's.
     """
     by_class: dict[str, list[Detection]] = {}
     for d in detections:
@@ -194,4 +204,13 @@ def score(
             reasons.append(f"expected {req['class']}<{req['count']}, found {have}")
         else:
             points += 1
+    if exact_counts:
+        asked: dict[str, int] = {}
+        for req in meta["include"]:
+            asked[req["class"]] = asked.get(req["class"], 0) + req["count"]
+        for cls, n in asked.items():
+            checks += 1
+            points += int(len(by_class.get(cls, [])) <= n)
+        checks += 1
+        points += int(all(d.shape in asked for d in detections))
     return not reasons, points / checks, reasons
