@@ -198,6 +198,8 @@ def test_exact_counts_closes_the_at_least_loophole_in_partial_credit_only():
     assert ok and abs(sc - 1 / 3) < 1e-9  # count ok; too many circles; unnamed square
     ok, sc, _ = score(detect(draw(clutter[:1])), m, exact_counts=True)
     assert ok and sc == 1.0  # a clean answer keeps full credit
+    ok, sc, _ = score(detect(draw([])), m, exact_counts=True)
+    assert not ok and sc == 0.0  # an empty canvas earns none of the extra points
     # through the reward's options
     from flowpo.rewards.base import WeightedReward
 

@@ -154,9 +154,11 @@ def score(
 
     `exact_counts` adds checks that are not GenEval's, for a training reward without its "at
     least N" loophole (a policy that tiles the canvas with objects passes GenEval's
-    single- and two-object prompts): one per class the prompt names (no more objects of it than
-    its clauses ask for) and one for no object of a class the prompt does not name. They change
-    the partial credit only; strict correctness stays GenEval's.
+    single- and two-object prompts): one per class the prompt names (exactly as many objects of
+    it as its clauses ask for) and one for every named class present with no object of a class
+    the prompt does not name. Without the "exactly" an empty canvas earned these points, and a
+    policy trained on that learned to draw nothing (README, "Shapes world"). They change the
+    partial credit only; strict correctness stays GenEval's.
     """
     by_class: dict[str, list[Detection]] = {}
     for d in detections:
@@ -205,12 +207,15 @@ def score(
         else:
             points += 1
     if exact_counts:
+        # each extra point needs the clause's own "at least" to hold too, so that an empty
+        # canvas (nothing too many, nothing unnamed) earns none of them
         asked: dict[str, int] = {}
         for req in meta["include"]:
             asked[req["class"]] = asked.get(req["class"], 0) + req["count"]
         for cls, n in asked.items():
             checks += 1
-            points += int(len(by_class.get(cls, [])) <= n)
+            points += int(len(by_class.get(cls, [])) == n)
         checks += 1
-        points += int(all(d.shape in asked for d in detections))
+        have_all = all(len(by_class.get(c, [])) >= n for c, n in asked.items())
+        points += int(have_all and all(d.shape in asked for d in detections))
     return not reasons, points / checks, reasons
