@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+from flowpo.tasks.shapes.world import TAGS
 
 
 def load_run(run_dir: Path) -> list[dict]:
