@@ -60,6 +60,7 @@ LORA_RANK = 8
 # (label, ZeRO stage, ds_configs template; "" = ds_configs/zero{stage}.json)
 CASES = (("0", 0, ""), ("2", 2, ""), ("3", 3, ""), ("3+offload", 3, "zero3_offload.json"))
 BF16 = memory.BF16_ADAM  # the engine runs with engine.precision=bf16
+REF_BETA = 0.04  # the full-fine-tuning cases run with KL, so the reference policy exists
 
 
 # -- worker: runs under torchrun ------------------------------------------------------------------
@@ -71,7 +72,8 @@ def build_transformer() -> torch.nn.Module:
     cfg = copy.deepcopy(TINY_CONFIGS["sd3"]["transformer"])
     cfg.update(TRANSFORMER)
     torch.manual_seed(0)  # the same weights on every rank
-    return SD3Transformer2DModel(sample_size=SAMPLE_SIZE, **cfg)
+    # loaded in bfloat16, as model.dtype=bfloat16 must be with engine.precision=bf16
+    return SD3Transformer2DModel(sample_size=SAMPLE_SIZE, **cfg).to(torch.bfloat16)
 
 
 def held(tensors, seen: set[int]) -> tuple[int, int]:
@@ -117,8 +119,11 @@ def measure_one(lora: bool, case: tuple[str, int, str], rank: int, world: int) -
 
     cfg = Config()
     cfg.train.lora, cfg.train.lora_rank, cfg.train.lora_alpha = lora, LORA_RANK, 2.0 * LORA_RANK
+    # full fine-tuning with KL: the Engine also builds the frozen reference copy (replicated,
+    # or under ZeRO-3 its own sharded inference engine); LoRA's reference is the base itself
+    cfg.train.beta = 0.0 if lora else REF_BETA
     label, stage, template = case
-    cfg.engine.zero_stage, cfg.engine.precision = stage, "bf16"
+    cfg.engine.zero_stage, cfg.engine.precision, cfg.model.dtype = stage, "bf16", "bfloat16"
     if template:
         cfg.engine.ds_config = str(ROOT / "ds_configs" / template)
     cfg.rollout.batch_size = 2  # the micro-batch
@@ -163,6 +168,20 @@ def measure_one(lora: bool, case: tuple[str, int, str], rank: int, world: int) -
     m_held = held(_master_tensors(opt, base), seen)
     state = [v for s in base.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
     a_held = held(state, seen)
+    # the frozen reference's parameters (full + KL only), counted in elements: its dtype is the
+    # dtype the model was loaded in (model.dtype)
+    r_held = [0, 0]
+    if eng.ref_module is not None:
+        with torch.no_grad(), eng.reference() as ref_policy:
+            ref_policy(**x)  # as the KL term does: ZeRO-3 keeps some small tensors once gathered
+        ref = getattr(eng.ref_module, "module", eng.ref_module)
+        ref_params = list(ref.parameters())
+        r_held = list(
+            held(
+                [p.data for p in ref_params] + [getattr(p, "ds_tensor", None) for p in ref_params],
+                set(),
+            )
+        )
     return {
         "mode": "lora" if lora else "full",
         "zero": label,
@@ -178,6 +197,7 @@ def measure_one(lora: bool, case: tuple[str, int, str], rank: int, world: int) -
             "grads": g_held,
             "master": m_held,
             "adam": a_held,
+            "reference": r_held,
         },
     }
 
@@ -222,6 +242,16 @@ def predicted_bytes(row: dict) -> dict[str, int]:
 
 
 CATS = ("params", "grads", "optimizer", "total")
+
+REFERENCE_NOTES = """\
+The full-fine-tuning cases above run with `train.beta={beta}`, so flowpo's Engine also builds the
+frozen reference policy: a copy of the base taken before DeepSpeed wraps the policy, kept whole
+under ZeRO 0/2 and wrapped in its own inference-only ZeRO-3 engine under ZeRO-3
+(`reference_ds_config`: sharded like the policy, parameter offload included). Elements held by
+the fullest rank as a fraction of the model's parameters, `measured / predicted` (flowpo/memory.py
+`zero_numels` of a frozen module; under ZeRO-3 its persistence bound counts every small tensor
+whole), counted after one forward of the reference (as the KL term runs it). Its dtype is the
+one the model was loaded in (`model.dtype`, bfloat16 with `engine.precision=bf16`)."""
 
 MEASURED_NOTES = """\
 Largest per-rank bytes as a ratio to ZeRO-0 on 1 rank of the same mode, `measured / predicted`;
@@ -274,6 +304,18 @@ def summarise(rows: list[dict]) -> list[dict]:
         pred = {"params": p["params"], "grads": p["grads"], "optimizer": p["master"] + p["adam"]}
         pred["total"] = sum(pred.values())
         by[key] = (meas, pred)
+        # the frozen reference (full + KL): elements on the fullest rank vs the ZeRO model of a
+        # frozen module (stage 3: sharded like the policy, persistence bound included)
+        r0 = ranks[0]
+        thr = memory.ds_buffer_sizes()["z3_persistence"] if r0["stage"] == 3 else 0
+        reference = {
+            "measured": max(r["measured"]["reference"][0] for r in ranks),
+            "predicted": memory.zero_numels(r0["sizes"], (), r0["stage"], r0["world"], thr)[
+                "params"
+            ]
+            if key[0] == "full"
+            else 0,
+        }
         out.append(
             {
                 "mode": key[0],
@@ -286,6 +328,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "persistent_kept": ranks[0]["persistent_kept"],
                 "measured_bytes": meas,
                 "predicted_bytes": pred,
+                "reference_elements": reference,
             }
         )
     for row in out:
@@ -293,6 +336,20 @@ def summarise(rows: list[dict]) -> list[dict]:
         row["measured_ratio"] = {c: row["measured_bytes"][c] / meas0[c] for c in CATS}
         row["predicted_ratio"] = {c: row["predicted_bytes"][c] / pred0[c] for c in CATS}
     return out
+
+
+def reference_table(summary: list[dict]) -> str:
+    """The frozen reference policy of full fine-tuning with KL, per rank, as a fraction of the
+    model's parameter count: measured / predicted."""
+    lines = ["| ZeRO | ranks | reference parameters |", "|---|---|---|"]
+    for r in summary:
+        if r["mode"] != "full":
+            continue
+        ref, n = r["reference_elements"], r["wrapped"]
+        lines.append(
+            f"| {r['zero']} | {r['world']} | {ref['measured'] / n:.3f} / {ref['predicted'] / n:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def measured_table(summary: list[dict]) -> str:
@@ -358,6 +415,17 @@ def main() -> None:
         z3 = next(r for r in summary if (r["mode"], r["zero"], r["world"]) == ("full", "3", 2))
         kept, eligible = z3["persistent_kept"]
         sections += [MEASURED_NOTES.format(kept=kept, eligible=eligible), "", table, ""]
+        ref_table = reference_table(summary)
+        print("\nFrozen reference policy (full fine-tuning, KL), per rank, measured / predicted:")
+        print(ref_table)
+        sections += [
+            "## Measured frozen reference policy (full fine-tuning with KL)",
+            "",
+            REFERENCE_NOTES.format(beta=REF_BETA),
+            "",
+            ref_table,
+            "",
+        ]
     rows = memory.fit_table(world=args.world, gpu_gib=args.gpu_gib)
     fit = memory.format_fit_table(rows)
     result["counts"] = memory.counts_summary()

@@ -381,6 +381,13 @@ class Config:
                 f"engine.shard_frozen needs engine.zero_stage=3 (got {e.zero_stage}); "
                 "set zero_stage=3 or shard_frozen=false"
             )
+        if e.precision == "bf16" and self.model.dtype != "bfloat16":
+            # DeepSpeed's bf16 engine casts the trained module to bfloat16 while the adapter
+            # feeds it inputs in model.dtype: torch stops on the first layer with a dtype clash
+            raise ConfigError(
+                f"engine.precision=bf16 runs the transformer in bfloat16, but model.dtype is "
+                f"{self.model.dtype!r}; set model.dtype=bfloat16 (or engine.precision=fp32)"
+            )
         if e.offload_optimizer and e.zero_stage == 0:
             raise ConfigError(
                 "engine.offload_optimizer needs ZeRO (engine.zero_stage=2 or 3); set one of them "

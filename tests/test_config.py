@@ -102,3 +102,10 @@ def test_derived_sizes():
     assert sizes["images_per_epoch"] == 32
     assert sizes["prompts_per_epoch"] == 8
     assert sizes["gradient_accumulation_steps"] == 2 * 9
+
+
+def test_bf16_precision_needs_bf16_model_dtype():
+    cfg = load_config(None, ["--engine.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"engine.precision=bf16 .* set model.dtype=bfloat16"):
+        cfg.validate()
+    load_config(None, ["--engine.precision=bf16", "--model.dtype=bfloat16"]).validate()

@@ -133,3 +133,23 @@ def test_zero_stages_train_on_one_rank(tmp_path, stage):
     )
     lora = load_file(str(tmp_path / "z" / "checkpoints" / "checkpoint-1" / "trainable.safetensors"))
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_bf16_full_fine_tuning_with_kl(tmp_path):
+    """engine.precision=bf16 with model.dtype=bfloat16 (the GPU recipes' pair): full fine-tuning
+    with KL under ZeRO-2 (bf16 policy, replicated bf16 reference) trains with finite losses;
+    the mismatched pair stops at the config with the fix."""
+    bf16 = ["--engine.precision=bf16", "--model.dtype=bfloat16"]
+    full = ["--train.lora=false", "--train.learning_rate=1e-4", "--engine.zero_stage=2"]
+    args = ["train", "-c", "configs/tiny_sd3_jpeg.yaml", f"--logging.run_dir={tmp_path}"]
+    proc = run_flowpo(*args, "--logging.run_name=bf", "--train.epochs=2", *COMMON, *bf16, *full)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = _metrics(tmp_path / "bf")
+    assert len(rows) == 2
+    for r in rows:
+        assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]), r
+        assert r["train/first_ratio_max_dev"] <= 1e-3, r  # rollout and update share bf16 math
+    assert rows[1]["train/kl"] > 0  # the policy moved away from its reference
+    bad = run_flowpo(*args, "--logging.run_name=bad", "--engine.precision=bf16", *COMMON)
+    assert bad.returncode != 0
+    assert "set model.dtype=bfloat16" in bad.stderr, bad.stderr[-2000:]

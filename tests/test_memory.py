@@ -154,7 +154,8 @@ def test_fit_table_covers_every_model_mode_and_strategy_and_zero3_saves_memory()
 @pytest.mark.slow
 def test_measured_zero_partitions_match_the_model():
     """flowpo's Engine on 1 and 2 gloo ranks (torchrun), tiny SD3 transformer, bf16: per-rank
-    gradients and optimizer state as predicted; ZeRO-3 parameters within the persistence bound."""
+    gradients and optimizer state as predicted; ZeRO-3 parameters within the persistence bound;
+    the frozen KL reference of full fine-tuning replicated under ZeRO 0/2, sharded under ZeRO-3."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_memory
 
@@ -175,3 +176,13 @@ def test_measured_zero_partitions_match_the_model():
             r = rows[(mode, zero, 2)]
             # parameters really partitioned: at least half, at most the persistence bound
             assert 0.5 <= r["measured_ratio"]["params"] <= r["predicted_ratio"]["params"] + 1e-6
+    # the frozen reference of full fine-tuning with KL: whole on every rank under ZeRO 0/2,
+    # sharded like the policy under ZeRO-3 (its own inference engine)
+    for (mode, zero, world), r in rows.items():
+        ref, n = r["reference_elements"], r["wrapped"]
+        if mode == "lora":
+            assert ref["measured"] == 0  # LoRA's reference is the base with adapters disabled
+        elif world == 1 or zero in ("0", "2"):
+            assert ref["measured"] == ref["predicted"] == n, (zero, world)
+        else:
+            assert 0.5 * n <= ref["measured"] <= ref["predicted"] < n, (zero, world)
