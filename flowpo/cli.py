@@ -299,7 +299,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:
         cfg.model.path = args.model
-    cfg.validate()
+    cfg.validate(training=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = load_adapter(

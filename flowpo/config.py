@@ -320,8 +320,9 @@ class Config:
             "optimizer_steps_per_epoch": self.train.steps_per_epoch,
         }
 
-    def validate(self, world_size: int = 1) -> None:
-        """Cross-field rules; each error names the field and the fix."""
+    def validate(self, world_size: int = 1, training: bool = True) -> None:
+        """Cross-field rules; each error names the field and the fix. `training=False` (flowpo
+        eval) skips the rules that only the training engine needs."""
         for (section, name), choices in _CHOICES.items():
             value = getattr(getattr(self, section), name)
             if value not in choices:
@@ -381,7 +382,14 @@ class Config:
                 f"engine.shard_frozen needs engine.zero_stage=3 (got {e.zero_stage}); "
                 "set zero_stage=3 or shard_frozen=false"
             )
-        if e.precision == "bf16" and self.model.dtype != "bfloat16":
+        if training and self.model.dtype == "float16":
+            # fp16 training needs loss scaling (DeepSpeed's fp16 mode), which flowpo does not
+            # configure; DeepSpeed refuses to reduce fp16 gradients without it
+            raise ConfigError(
+                "model.dtype=float16 cannot be trained (no loss scaling); use model.dtype=bfloat16 "
+                "with engine.precision=bf16, or float32 (float16 is fine for flowpo eval)"
+            )
+        if training and e.precision == "bf16" and self.model.dtype != "bfloat16":
             # DeepSpeed's bf16 engine casts the trained module to bfloat16 while the adapter
             # feeds it inputs in model.dtype: torch stops on the first layer with a dtype clash
             raise ConfigError(

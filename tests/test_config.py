@@ -109,3 +109,10 @@ def test_bf16_precision_needs_bf16_model_dtype():
     with pytest.raises(ConfigError, match=r"engine.precision=bf16 .* set model.dtype=bfloat16"):
         cfg.validate()
     load_config(None, ["--engine.precision=bf16", "--model.dtype=bfloat16"]).validate()
+
+
+def test_float16_is_not_trained():
+    cfg = load_config(None, ["--model.dtype=float16"])
+    with pytest.raises(ConfigError, match=r"model.dtype=float16 cannot be trained .* model.dtype=bfloat16"):
+        cfg.validate()
+    cfg.validate(training=False)  # evaluation and sampling may run in float16
