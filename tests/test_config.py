@@ -113,6 +113,8 @@ def test_bf16_precision_needs_bf16_model_dtype():
 
 def test_float16_is_not_trained():
     cfg = load_config(None, ["--model.dtype=float16"])
-    with pytest.raises(ConfigError, match=r"model.dtype=float16 cannot be trained .* model.dtype=bfloat16"):
+    with pytest.raises(
+        ConfigError, match=r"model.dtype=float16 cannot be trained .* model.dtype=bfloat16"
+    ):
         cfg.validate()
     cfg.validate(training=False)  # evaluation and sampling may run in float16

@@ -110,6 +110,15 @@ def test_missing_dir_error_says_how_to_make_one(tmp_path):
     assert isinstance(err.value, ValueError)
 
 
+def test_family_that_does_not_load_the_directory_names_the_right_one(tiny_dirs):
+    with pytest.raises(ModelLoadError) as err:
+        load_adapter("sd3", tiny_dirs["flux"])
+    assert str(err.value) == (
+        f"model.path '{tiny_dirs['flux']}' holds a FluxPipeline, which model.family 'flux' loads, "
+        "but model.family is 'sd3'; set model.family=flux (or auto)"
+    )
+
+
 def test_dir_without_model_index_is_rejected_under_auto(tmp_path):
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_adapter("auto", str(tmp_path))

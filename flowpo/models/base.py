@@ -405,6 +405,23 @@ def detect_family(model_dir: str) -> str:
     )
 
 
+def _check_family_matches(family: str, model_dir: str) -> None:
+    """Stop with the fix when model_index.json names a pipeline that another family loads
+    (otherwise diffusers fails deep inside from_pretrained, listing missing components)."""
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        return
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    if class_name in MODEL_REGISTRY[family].pipeline_classes:
+        return
+    owners = [n for n, c in MODEL_REGISTRY.items() if class_name in c.pipeline_classes]
+    if owners:
+        raise ModelLoadError(
+            f"model.path '{model_dir}' holds a {class_name}, which model.family '{owners[0]}' "
+            f"loads, but model.family is '{family}'; set model.family={owners[0]} (or auto)"
+        )
+
+
 def load_adapter(family: str, model_dir: str, **kw: Any) -> ModelAdapter:
     """Load `model_dir` with the adapter registered as `family` ("auto": from model_index.json).
 
@@ -423,6 +440,7 @@ def load_adapter(family: str, model_dir: str, **kw: Any) -> ModelAdapter:
     if family == "auto":
         family = detect_family(model_dir)
     cls = MODEL_REGISTRY[family]
+    _check_family_matches(family, model_dir)
     params = inspect.signature(cls.__init__).parameters
     unknown = [k for k in kw if k not in params]
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
