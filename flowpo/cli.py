@@ -264,6 +264,11 @@ def load_trainable(adapter, ckpt: Path) -> None:
     import yaml
     from safetensors.torch import load_file
 
+    if not (ckpt / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint '{ckpt}' is not a flowpo checkpoint (no trainer_state.json); "
+            "give a RUN/checkpoints/checkpoint-N directory"
+        )
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = load_file(str(ckpt / "trainable.safetensors"))
     module = adapter.trainable_module

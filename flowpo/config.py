@@ -401,17 +401,14 @@ class Config:
                 "engine.offload_optimizer needs ZeRO (engine.zero_stage=2 or 3); set one of them "
                 "or offload_optimizer=false"
             )
-        from flowpo.trainer.data import BUILTIN_SOURCES
+        from flowpo.trainer.data import load_prompt_items
 
         for key, value in (
             ("rollout.prompt_file", r.prompt_file),
             ("eval.prompt_file", self.eval.prompt_file),
         ):
-            if value and value not in BUILTIN_SOURCES and not Path(value).is_file():
-                raise ConfigError(
-                    f"{key} '{value}' does not exist; give a .txt/.jsonl file or one of: "
-                    + ", ".join(BUILTIN_SOURCES)
-                )
+            if value:  # read it now: a missing file or a bad line stops before any model loads
+                load_prompt_items(value, field=key)
         path = self.model.path
         if path != "shapes:base" and not path.startswith("tiny:") and not Path(path).is_dir():
             raise ConfigError(

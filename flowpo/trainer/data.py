@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from flowpo.config import ConfigError
+
 BUILTIN_SOURCES = ("shapes:train", "shapes:heldout", "shapes:all")
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
@@ -30,13 +32,16 @@ def _resolve_source(prompt_file: str, field: str) -> Path:
         for suffix in (".jsonl", ".txt"):
             if (BUNDLED_DIR / f"{name}{suffix}").is_file():
                 return BUNDLED_DIR / f"{name}{suffix}"
-        raise ValueError(
+        raise ConfigError(
             f"{field} '{prompt_file}': no bundled prompt set '{name}'; choose one of "
             + ", ".join(f"bundled:{n}" for n in bundled_sets())
         )
     path = Path(prompt_file)
     if not path.is_file():
-        raise ValueError(f"{field} '{prompt_file}' does not exist")
+        raise ConfigError(
+            f"{field} '{prompt_file}' does not exist; give a .txt/.jsonl file or one of: "
+            + ", ".join([*BUILTIN_SOURCES, *(f"bundled:{n}" for n in bundled_sets())])
+        )
     return path
 
 
@@ -49,15 +54,15 @@ def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
         try:
             m = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{field} '{path}' line {n}: not valid JSON ({e.msg})") from None
+            raise ConfigError(f"{field} '{path}' line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-            raise ValueError(f"{field} '{path}' line {n} needs a 'prompt' string")
+            raise ConfigError(f"{field} '{path}' line {n} needs a 'prompt' string")
         for key in ("include", "exclude"):
             if key in m and not (
                 isinstance(m[key], list)
                 and all(isinstance(r, dict) and "class" in r and "count" in r for r in m[key])
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"{field} '{path}' line {n}: '{key}' must be a list of "
                     '{"class": ..., "count": ...} objects (GenEval metadata)'
                 )
@@ -83,14 +88,14 @@ def load_prompt_items(
         if path.suffix == ".jsonl":
             metas = _read_jsonl(path, field)
             if not metas:
-                raise ValueError(f"{field} '{prompt_file}' holds no prompts")
+                raise ConfigError(f"{field} '{prompt_file}' holds no prompts")
             return [m["prompt"] for m in metas], metas
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         if not lines:
-            raise ValueError(f"{field} '{prompt_file}' holds no prompts")
+            raise ConfigError(f"{field} '{prompt_file}' holds no prompts")
         return lines, [{} for _ in lines]
     if not prompts:
-        raise ValueError("rollout.prompts is empty; give prompts or rollout.prompt_file")
+        raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
     return list(prompts), [{} for _ in prompts]
 
 
@@ -121,7 +126,7 @@ class KRepeatSampler:
     ):
         total = images_per_rank * world_size
         if total % group_size:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout.group_size ({group_size}) must divide the images per epoch ({total})"
             )
         self.prompts = prompts
@@ -148,7 +153,7 @@ class KRepeatSampler:
             idx = torch.randint(0, n, (self.prompts_per_epoch,), generator=g)
         if contiguous_groups:
             if self.images_per_rank % self.group_size:
-                raise ValueError(
+                raise ConfigError(
                     f"rollout.group_size ({self.group_size}) must divide the images per rank "
                     f"({self.images_per_rank}) when groups are dealt whole"
                 )
