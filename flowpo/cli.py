@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("train", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from flowpo.models.base import ModelLoadError
+    from flowpo.rewards.client import RewardServiceError
     from flowpo.trainer.logging import quiet_libraries
 
     quiet_libraries()
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-prompts":
             return cmd_make_prompts(args)
         return cmd_make_tiny(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, ModelLoadError, FileNotFoundError, RewardServiceError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2
 

@@ -76,6 +76,25 @@ def test_remote_scores_equal_in_process_scores():
     torch.testing.assert_close(out.scores, jpeg_scorer()(x, ["p"] * 5, [{}] * 5).scores)
 
 
+def test_startup_check_names_the_fix():
+    """Before training, check_reward_services fails fast: no service at the url, or a service
+    that serves another reward; a service of the right reward passes."""
+    from flowpo.rewards.base import check_reward_services
+
+    weights = {"jpeg_incompressibility": 1.0}
+    with LoopbackServer(create_app([jpeg_scorer()], name="jpeg_incompressibility")) as srv:
+        check_reward_services(weights, {"jpeg_incompressibility": {"url": srv.url}}, wait_s=5)
+    with LoopbackServer(create_app([jpeg_scorer()], name="pickscore")) as srv:
+        with pytest.raises(RewardServiceError, match=r"serves 'pickscore', not 'jpeg_"):
+            check_reward_services(weights, {"jpeg_incompressibility": {"url": srv.url}}, wait_s=5)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(RewardServiceError, match=r"no service answers at .*flowpo serve-reward"):
+        check_reward_services(weights, {"jpeg_incompressibility": {"url": dead}}, wait_s=2)
+    assert time.monotonic() - t0 < 10
+    check_reward_services(weights, {}, wait_s=1)  # in-process rewards: nothing to check
+
+
 def test_images_of_different_sizes_are_scored_in_request_order():
     a, b = images(1, 0, 16), images(1, 1, 24)
     body = json.dumps({"images": encode_png(a) + encode_png(b), "prompts": ["p", "q"]}).encode()

@@ -174,6 +174,21 @@ def build_scorer(name: str, opts: dict[str, Any] | None = None) -> tuple[RewardF
     return build_reward(name, **kwargs), failure
 
 
+def check_reward_services(
+    weights: dict[str, float], options: dict[str, dict[str, Any]] | None, wait_s: float = 30.0
+) -> None:
+    """Fail fast, before any model loads, when a configured reward service (a reward with a
+    `url` option) does not answer or serves another reward: RewardServiceError naming the fix."""
+    from flowpo.rewards.client import RemoteReward
+
+    for name in weights:
+        opts = (options or {}).get(name) or {}
+        if "url" in opts:
+            fn, _ = build_scorer(name, opts)
+            assert isinstance(fn, RemoteReward)
+            fn.check(wait_s)
+
+
 class WeightedReward:
     """Weighted sum of raw scores of several rewards; every reward's scores are kept in details.
 

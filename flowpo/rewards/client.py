@@ -219,6 +219,36 @@ class RemoteReward:
             raise RewardServiceError(f"{self.url}/health answered {status}: {raw[:200]!r}")
         return json.loads(raw)
 
+    def check(self, wait_s: float = 30.0) -> dict:
+        """Before training: poll GET /health until the service answers (it may still be loading
+        its model) or `wait_s` passes, and check that it does not serve another registered reward. Errors say how to
+        start the service or fix reward.options.<name>.url."""
+        t_end, last = time.monotonic() + wait_s, ""
+        while True:
+            try:
+                info = self.health(timeout=min(5.0, max(0.5, wait_s)))
+                break
+            except (TimeoutError, OSError, http.client.HTTPException, RewardServiceError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() + 1.0 >= t_end:
+                raise RewardServiceError(
+                    f"reward '{self.name}': no service answers at {self.url} ({last}); start one "
+                    f"with 'flowpo serve-reward --reward {self.name} --port PORT' or fix "
+                    f"reward.options.{self.name}.url"
+                )
+            time.sleep(1.0)
+        from flowpo.rewards.base import known_rewards
+
+        # a service of another registered reward is a wrong url; a custom service may report
+        # any name (or none) and is trusted
+        served = info.get("reward") if isinstance(info, dict) else None
+        if served in known_rewards() and served != self.name:
+            raise RewardServiceError(
+                f"reward '{self.name}': the service at {self.url} serves {served!r}, not "
+                f"'{self.name}'; fix reward.options.{self.name}.url"
+            )
+        return info
+
     def _post(self, payload: dict) -> dict:
         with self._slots:  # shared by all calls: concurrent scoring threads stay within the bound
             data = self.http.post("/score", payload)

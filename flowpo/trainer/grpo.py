@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from flowpo.config import Config
-from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
+from flowpo.rewards.base import (
+    RewardError,
+    WeightedReward,
+    check_reward_services,
+    group_normalized_total,
+)
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
 from flowpo.trainer.ema import EMA
@@ -189,6 +194,7 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
+        check_reward_services(cfg.reward.weights, cfg.reward.options)  # before any model loads
         model_path = self._model_path()
         self.adapter = load_adapter(
             cfg.model.family,
