@@ -264,11 +264,16 @@ def load_trainable(adapter, ckpt: Path) -> None:
     import yaml
     from safetensors.torch import load_file
 
+    from flowpo.trainer.grpo import checkpoint_problem
+
     if not (ckpt / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"--checkpoint '{ckpt}' is not a flowpo checkpoint (no trainer_state.json); "
             "give a RUN/checkpoints/checkpoint-N directory"
         )
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise FileNotFoundError(f"--checkpoint '{ckpt}' is incomplete: {problem}")
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = load_file(str(ckpt / "trainable.safetensors"))
     module = adapter.trainable_module

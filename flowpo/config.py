@@ -31,7 +31,8 @@ class ModelConfig:
     """Local diffusers model directory. `tiny:sd3` / `tiny:flux` / `tiny:qwen-image` builds a
     tiny random model inside the run directory (CPU demos and tests)."""
     dtype: str = "float32"
-    """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32."""
+    """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32.
+    Training: bfloat16 goes with engine.precision=bf16; float16 is for flowpo eval only."""
     resolution: int = 0
     """Image side in pixels; 0 = the model's default sample size."""
     options: dict[str, Any] = field(default_factory=dict)

@@ -90,8 +90,34 @@ def test_startup_check_names_the_fix():
     dead = f"http://127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
     with pytest.raises(RewardServiceError, match=r"no service answers at .*flowpo serve-reward"):
-        check_reward_services(weights, {"jpeg_incompressibility": {"url": dead}}, wait_s=2)
+        # without wait_s the check waits as long as scoring would: the client's deadline_s
+        check_reward_services(weights, {"jpeg_incompressibility": {"url": dead, "deadline_s": 2}})
     assert time.monotonic() - t0 < 10
+    # a url that reaches some other web server: refused at once, not retried until the deadline
+    import http.server
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code = 200 if self.path == "/health" and self.server.html else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        def log_message(self, *args):
+            pass
+
+    for html, message in ((True, "is not a flowpo reward service"), (False, "refused GET /health")):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+        srv.html = html
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(RewardServiceError, match=message):
+                check_reward_services(weights, {"jpeg_incompressibility": {"url": url}})
+        finally:
+            srv.shutdown()
+        assert time.monotonic() - t0 < 10
     check_reward_services(weights, {}, wait_s=1)  # in-process rewards: nothing to check
 
 

@@ -408,11 +408,14 @@ def detect_family(model_dir: str) -> str:
 def _check_family_matches(family: str, model_dir: str) -> None:
     """Stop with the fix when model_index.json names a pipeline that another family loads
     (otherwise diffusers fails deep inside from_pretrained, listing missing components)."""
+    cls = MODEL_REGISTRY[family]
+    if not (cls.pipeline_classes or cls.layout_files):
+        return  # an adapter that declares neither (e.g. a user's) says nothing to check against
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         return
     class_name = json.loads(index.read_text()).get("_class_name", "")
-    if class_name in MODEL_REGISTRY[family].pipeline_classes:
+    if class_name in cls.pipeline_classes:
         return
     owners = [n for n, c in MODEL_REGISTRY.items() if class_name in c.pipeline_classes]
     if owners:

@@ -175,10 +175,13 @@ def build_scorer(name: str, opts: dict[str, Any] | None = None) -> tuple[RewardF
 
 
 def check_reward_services(
-    weights: dict[str, float], options: dict[str, dict[str, Any]] | None, wait_s: float = 30.0
+    weights: dict[str, float],
+    options: dict[str, dict[str, Any]] | None,
+    wait_s: float | None = None,
 ) -> None:
     """Fail fast, before any model loads, when a configured reward service (a reward with a
-    `url` option) does not answer or serves another reward: RewardServiceError naming the fix."""
+    `url` option) does not answer within its deadline_s (or `wait_s`) or serves another reward:
+    RewardServiceError naming the fix."""
     from flowpo.rewards.client import RemoteReward
 
     for name in weights:

@@ -18,6 +18,7 @@ import base64
 import http.client
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +36,9 @@ from flowpo.rewards.base import RewardError, RewardOutput, to_uint8_hwc
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _POSITIVE = ("timeout_s", "deadline_s", "batch_size", "max_concurrency", "backoff_s")
+
+
+log = logging.getLogger(__name__)
 
 
 class RewardServiceError(RewardError):
@@ -217,25 +221,49 @@ class RemoteReward:
         status, raw = self.http.request("GET", "/health", None, timeout)
         if status != 200:
             raise RewardServiceError(f"{self.url}/health answered {status}: {raw[:200]!r}")
-        return json.loads(raw)
+        try:
+            info = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            info = None
+        if not isinstance(info, dict):
+            raise RewardServiceError(
+                f"reward '{self.name}': the server at {self.url} is not a flowpo reward service "
+                f"(GET /health answered {raw[:80]!r}); fix reward.options.{self.name}.url"
+            )
+        return info
 
-    def check(self, wait_s: float = 30.0) -> dict:
+    def check(self, wait_s: float | None = None) -> dict:
         """Before training: poll GET /health until the service answers (it may still be loading
-        its model) or `wait_s` passes, and check that it does not serve another registered reward. Errors say how to
-        start the service or fix reward.options.<name>.url."""
-        t_end, last = time.monotonic() + wait_s, ""
+        its model) or `wait_s` passes (default: the client's deadline_s, as scoring would wait),
+        and check that it does not serve another registered reward. Errors say how to start the
+        service or fix reward.options.<name>.url."""
+        wait_s = self.http.deadline_s if wait_s is None else wait_s
+        t_end, last, shown = time.monotonic() + wait_s, "", False
         while True:
             try:
                 info = self.health(timeout=min(5.0, max(0.5, wait_s)))
                 break
-            except (TimeoutError, OSError, http.client.HTTPException, RewardServiceError) as e:
+            except RewardServiceError as e:
+                if "not a flowpo reward service" in str(e):
+                    raise
+                code = str(e).split(" answered ", 1)[-1][:3]
+                if code.isdigit() and 400 <= int(code) < 500 and int(code) not in (408, 429):
+                    raise RewardServiceError(
+                        f"reward '{self.name}': the server at {self.url} refused GET /health "
+                        f"({e}); fix reward.options.{self.name}.url"
+                    ) from None
+                last = str(e)
+            except (TimeoutError, OSError, http.client.HTTPException) as e:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() + 1.0 >= t_end:
                 raise RewardServiceError(
-                    f"reward '{self.name}': no service answers at {self.url} ({last}); start one "
-                    f"with 'flowpo serve-reward --reward {self.name} --port PORT' or fix "
-                    f"reward.options.{self.name}.url"
+                    f"reward '{self.name}': no service answers at {self.url} after {wait_s:g} s "
+                    f"({last}); start one with 'flowpo serve-reward --reward {self.name} --port "
+                    f"PORT' or fix reward.options.{self.name}.url (the wait is its deadline_s)"
                 )
+            if not shown:
+                log.warning("reward '%s': waiting for the service at %s", self.name, self.url)
+                shown = True
             time.sleep(1.0)
         from flowpo.rewards.base import known_rewards
 

@@ -28,6 +28,7 @@ from flowpo.rewards.base import (
     check_reward_services,
     group_normalized_total,
 )
+from flowpo.rewards.client import RewardServiceError
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
 from flowpo.trainer.ema import EMA
@@ -194,7 +195,7 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
-        check_reward_services(cfg.reward.weights, cfg.reward.options)  # before any model loads
+        self._check_reward_services()  # before any model loads
         model_path = self._model_path()
         self.adapter = load_adapter(
             cfg.model.family,
@@ -270,6 +271,25 @@ class GRPOTrainer:
             + f", trainable_params={self.engine.num_trainable:,}",
             rank=self.rank,
         )
+
+    def _check_reward_services(self) -> None:
+        """Every rank scores its own images, so every rank checks the services it will call;
+        the outcome is shared so that all ranks stop together (one rank stopping alone would
+        leave the others waiting at the next barrier)."""
+        try:
+            check_reward_services(self.cfg.reward.weights, self.cfg.reward.options)
+            mine = ""
+        except RewardServiceError as e:
+            mine = str(e)
+        if self.world == 1:
+            failed = [(0, mine)] if mine else []
+        else:
+            everyone: list = [None] * self.world
+            torch.distributed.all_gather_object(everyone, mine)
+            failed = [(r, m) for r, m in enumerate(everyone) if m]
+        if failed:
+            where = "" if self.world == 1 else f" (rank(s) {', '.join(str(r) for r, _ in failed)})"
+            raise RewardServiceError(failed[0][1] + where)
 
     def _check_same_config(self) -> None:
         """Every rank must run the same config (each node parses its own command line)."""
