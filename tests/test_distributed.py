@@ -384,3 +384,21 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(sd3_dir, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert f"at epoch {n + 1}" in p.stdout
     assert [r["epoch"] for r in _train_rows(tmp_path / "t")][-2:] == [n + 1, n + 2]
+
+
+def test_unreachable_reward_service_stops_every_rank(sd3_dir, tmp_path):
+    """The startup service check's outcome is shared: both ranks stop with the one-line error
+    (naming the ranks that failed) before any model loads, instead of one rank leaving the
+    other at a barrier."""
+    dead = f"http://127.0.0.1:{_free_port()}"
+    opts = f'{{jpeg_incompressibility: {{url: "{dead}", deadline_s: 2}}}}'
+    cmd = _torchrun(2, "-m", "flowpo", "train", "-c", "configs/tiny_sd3_jpeg.yaml")
+    cmd += [f"--model.path={sd3_dir}", f"--logging.run_dir={tmp_path}", *COMMON]
+    cmd += ["--logging.run_name=svc", f"--reward.options={opts}"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 120
+    out = proc.stdout + proc.stderr
+    assert out.count("flowpo: error: reward 'jpeg_incompressibility': no service answers") == 2
+    assert "(rank(s) 0, 1)" in out
