@@ -302,7 +302,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
     from flowpo.models.base import load_adapter
-    from flowpo.rewards.base import WeightedReward
+    from flowpo.rewards.base import WeightedReward, check_reward_services
     from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
     from flowpo.trainer.grpo import DTYPES, resolve_model_path
 
@@ -310,6 +310,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.model:
         cfg.model.path = args.model
     cfg.validate(training=False)
+    check_reward_services(cfg.reward.weights, cfg.reward.options)  # before the model loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = load_adapter(

@@ -80,3 +80,27 @@ def test_eval_writes_geneval_layout_summary_and_grid(tmp_path):
     summary = json.loads((out / "eval.json").read_text())
     assert summary["num_samples"] == 6 and "eval/shapes_mean" in summary
     assert 0 <= summary["eval/acc/overall"] <= 1 and (out / "samples.png").is_file()
+
+
+def test_eval_checks_reward_services_before_loading(tmp_path, capsys):
+    """`flowpo eval` with a reward url where no service answers stops with train's one-line
+    error before any model loads (it used to fail at the first scoring, after sampling)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "eval",
+            "--eval.num_prompts=1",
+            "--eval.seeds=0",
+            f"--reward.options={{shapes: {{url: 'http://127.0.0.1:{port}', deadline_s: 1}}}}",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "no service answers at" in err and "serve-reward" in err
+    assert "Loading pipeline" not in err and not (out / "eval.json").exists()
