@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ENV, ROOT, run_flowpo
+from tests.conftest import ENV, ROOT, free_port, run_flowpo
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -33,14 +33,6 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args: str) -> list[str]:
     return [
         str(BIN / "torchrun"),
@@ -49,7 +41,7 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         *args,
     ]
 
@@ -160,7 +152,7 @@ def test_deepspeed_launcher_zero3_lora_ratio_one_and_lora_export(sd3_dir, tmp_pa
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         "flowpo",
         "train",
@@ -390,7 +382,7 @@ def test_unreachable_reward_service_stops_every_rank(sd3_dir, tmp_path):
     """The startup service check's outcome is shared: both ranks stop with the one-line error
     (naming the ranks that failed) before any model loads, instead of one rank leaving the
     other at a barrier."""
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     opts = f'{{jpeg_incompressibility: {{url: "{dead}", deadline_s: 2}}}}'
     cmd = _torchrun(2, "-m", "flowpo", "train", "-c", "configs/tiny_sd3_jpeg.yaml")
     cmd += [f"--model.path={sd3_dir}", f"--logging.run_dir={tmp_path}", *COMMON]

@@ -28,6 +28,7 @@ from flowpo.rewards.base import RewardError, RewardOutput, WeightedReward, build
 from flowpo.rewards.client import RemoteReward, RewardServiceError, encode_png
 from flowpo.rewards.server import ThreadedServer as LoopbackServer
 from flowpo.rewards.server import create_app
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_startup_check_names_the_fix():
     with LoopbackServer(create_app([jpeg_scorer()], name="pickscore")) as srv:
         with pytest.raises(RewardServiceError, match=r"serves 'pickscore', not 'jpeg_"):
             check_reward_services(weights, {"jpeg_incompressibility": {"url": srv.url}}, wait_s=5)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(RewardServiceError, match=r"no service answers at .*flowpo serve-reward"):
         # without wait_s the check waits as long as scoring would: the client's deadline_s
@@ -364,12 +365,6 @@ def test_concurrent_clients_bounded_load():
     assert not errors and len(done) == 48
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_service(port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "flowpo", "serve-reward", "--reward", "jpeg_incompressibility"]
@@ -398,7 +393,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None
 def test_killed_and_restarted_service_loses_no_sample():
     """`flowpo serve-reward` in a subprocess is SIGKILLed mid-run and restarted on the same
     port; the client retries through the outage and every batch gets its right scores."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start_service(port)
     procs = [proc]

@@ -9,6 +9,7 @@ import pytest
 from flowpo.cli import main
 from flowpo.tasks.geneval_prompts import COCO_CLASSES, COLORS, TAGS, generate_geneval
 from flowpo.trainer.data import bundled_sets, load_prompt_items
+from tests.conftest import free_port
 
 
 def test_generated_geneval_records_follow_the_metadata_format():
@@ -85,18 +86,13 @@ def test_eval_writes_geneval_layout_summary_and_grid(tmp_path):
 def test_eval_checks_reward_services_before_loading(tmp_path, capsys):
     """`flowpo eval` with a reward url where no service answers stops with train's one-line
     error before any model loads (it used to fail at the first scoring, after sampling)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ev"
     rc = main(
         [
             "eval",
             "--eval.num_prompts=1",
             "--eval.seeds=0",
-            f"--reward.options={{shapes: {{url: 'http://127.0.0.1:{port}', deadline_s: 1}}}}",
+            f"--reward.options={{shapes: {{url: 'http://127.0.0.1:{free_port()}', deadline_s: 1}}}}",
             "--out",
             str(out),
         ]
