@@ -8,7 +8,7 @@ Ops: `sde_logprob` (re-scoring one stored SDE step: log_prob from x, v, x') and 
 (GRPO-Guard's RatioNorm clipped loss from x, v, x', mu_old). Modes: `fwd` (no grad: the
 reference policy, old log-probs), `bwd` (the backward alone, graph kept), `fwd+bwd` (training).
 Implementations, all from `flowpo.kernels.reference` (the one place baselines come from):
-- torch:   the eager path the trainer runs today (`trainer.sde.sde_step_with_logprob`, the
+- torch:   the eager path the trainer runs today (`flowpo.sde.sde_step_with_logprob`, the
            Guard reference), argument checks and host syncs included, as the trainer pays them;
 - compile: `torch.compile` of the check-free reference math (`sde_logprob_math`, `guard_math`);
 - triton:  the fused kernels, CUDA only (the CPU interpreter is for correctness, not timing).

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from flowpo.kernels import reference as ref  # noqa: E402
 from flowpo.kernels.dispatch import fused_sde_step, resolve_backend  # noqa: E402
-from flowpo.trainer.sde import sde_step_with_logprob  # noqa: E402
+from flowpo.sde import sde_step_with_logprob, step_std  # noqa: E402
+from flowpo.trainer.losses import ratio_norm_long_form  # noqa: E402
 
 
 def _interpreted_modules():
@@ -169,8 +170,8 @@ def test_ratio_norm_closed_form_equals_long_form(sde_type, reduce):
     kw = dict(sde_type=sde_type, sigma_max=SIGMA_MAX, mean_out=True, reduce=reduce)
     lp, mean = ref.sde_step_logprob_ref(x, v, xn, s, sn, a, **kw)
     lp_old, mean_old = ref.sde_step_logprob_ref(x, v_old, xn, s, sn, a, **kw)
-    std = ref.step_std(s, sn, a, sde_type=sde_type, sigma_max=SIGMA_MAX)
-    long = ref.ratio_norm_long_form(lp, lp_old, mean, mean_old, std, reduce)
+    std = step_std(s, sn, a, sde_type=sde_type, sigma_max=SIGMA_MAX)
+    long = ratio_norm_long_form(lp, lp_old, mean, mean_old, std, reduce=reduce)
     adv = torch.ones(4, dtype=torch.float64)
     gkw = dict(sde_type=sde_type, sigma_max=SIGMA_MAX, reduce=reduce)
     _, st = ref.guard_clipped_loss_ref(v, x, xn, mean_old, s, sn, a, adv, 0.1, 0.1, **gkw)
@@ -382,7 +383,7 @@ def test_guard_reference_is_the_trainer_guard_loss():
     v = v.requires_grad_()
     kw = dict(sde_type="dance", sigma_max=SIGMA_MAX, mean_out=True)
     _, mean = ref.sde_step_logprob_ref(x, v, xn, s, sn, a, **kw)
-    std = ref.step_std(s, sn, a, sde_type="dance", sigma_max=SIGMA_MAX)
+    std = step_std(s, sn, a, sde_type="dance", sigma_max=SIGMA_MAX)
     z = ratio_norm_log_ratio(xn, mean, mean_old, std)
     weight = gradient_reweight_factor(sn - s).expand_as(adv)
     want, _ = clipped_policy_loss(z, torch.zeros_like(z), adv, 1e-4, 2e-4, weight=weight)
@@ -434,7 +435,7 @@ def test_kernels_import_without_triton_and_say_how_to_run_on_cpu():
 
 def test_lora_gradient_through_the_kernel_matches_torch(tiny_dirs):
     """Tiny SD3 + LoRA: the gradient of the clipped loss + KL of every trained step of a stored
-    rollout, re-scored through the fused step, equals re-scoring through trainer.sde."""
+    rollout, re-scored through the fused step, equals re-scoring through flowpo.sde."""
     from peft import LoraConfig
 
     from flowpo.config import load_config

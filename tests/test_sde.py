@@ -1,4 +1,4 @@
-"""Step math of flowpo.trainer.sde against ALGORITHMS.md §1 and invariants 1-3 of §6."""
+"""Step math of flowpo.sde against ALGORITHMS.md §1 and invariants 1-3 of §6."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flowpo.trainer.sde import (
+from flowpo.sde import (
     SDE_TYPES,
     calculate_shift,
     flux_time_shift,

@@ -7,7 +7,7 @@ Public API (ALGORITHMS.md §1, §5):
   advantages, clip_low, clip_high, *, sde_type, gradient_reweight, sigma_max)` -> (loss, stats):
   GRPO-Guard's RatioNorm clipped objective with its backward into velocity.
 - `resolve_backend(train.kernels, device)` -> "triton" | "torch"; `fused_sde_step`, the
-  kernel-backed drop-in for `trainer.sde.sde_step_with_logprob` used by the trainer.
+  kernel-backed drop-in for `flowpo.sde.sde_step_with_logprob` used by the trainer.
 - `reference`: the torch versions of both ops (float32 or float64), which the tests and
   benchmarks compare against.
 

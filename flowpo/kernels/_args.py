@@ -1,7 +1,7 @@
 """Argument checks shared by the Triton ops and their torch references (no Triton import).
 
-Both paths accept the same arguments and raise the same errors as `flowpo.trainer.sde`, with
-one host synchronisation per call (the reference in `trainer.sde` syncs once per check).
+Both paths accept the same arguments and raise the same errors as `flowpo.sde`'s checked
+steps, through the same checks (`flowpo.sde.check_schedule`: one host synchronisation).
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowpo.trainer.sde import REDUCE_MODES, SDE_TYPES
+from flowpo.sde import (
+    REDUCE_MODES,
+    SDE_TYPES,
+    Scalar,
+    check_choice,
+    check_schedule,
+    per_sample,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SDE_CODES = {name: i for i, name in enumerate(SDE_TYPES)}  # constexpr SDE_TYPE of the kernels
-
-Scalar = float | Tensor  # python float, 0-dim tensor or (B,) tensor
 
 
 @dataclass
@@ -29,23 +34,6 @@ class StepArgs:
     batch: int  # B
     rep: int  # B // S: rows b share sample row b // rep
     d: int  # D latent elements per image
-
-
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
-
-
-def per_sample(value: Scalar, name: str, batch: int, device: torch.device) -> Tensor:
-    """A float, 0-dim or (B,) tensor -> contiguous (B,) float32 on `device`."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=device)
-    if t.ndim == 0:
-        return t.expand(batch).contiguous()
-    if t.shape != (batch,):
-        raise ValueError(
-            f"{name} must be a float or a ({batch},) tensor, got shape {tuple(t.shape)}"
-        )
-    return t.contiguous()
 
 
 def sample_rep(sample: Tensor, like: Tensor, name: str = "velocity") -> int:
@@ -82,7 +70,7 @@ def check_step(
     kernel_dtypes: bool = False,
     extra: dict[str, Tensor] | None = None,
 ) -> StepArgs:
-    """Validate one step's arguments as `trainer.sde` does; per-sample tensors, B, S, D.
+    """Validate one step's arguments as `flowpo.sde` does; per-sample tensors, B, S, D.
 
     extra: further (B, ...) tensors that must match velocity (e.g. mean_old).
     kernel_dtypes: also require float32/bfloat16/float16 latents (the kernels' loads).
@@ -109,41 +97,7 @@ def check_step(
     s = per_sample(sigma, "sigma", b, dev)
     s_next = per_sample(sigma_next, "sigma_next", b, dev)
     a = per_sample(noise_level, "noise_level", b, dev)
-    if sde_type == "cps":  # std = sigma_next sin(a pi / 2), as trainer.sde computes it
-        zero_std = s_next * torch.sin(a * (math.pi / 2)) == 0
-    else:  # flow, dance: std = a * f(sigma) * sqrt(-dt)
-        zero_std = (a == 0) | (s_next == s)
-    flags = torch.stack(
-        [
-            ((s <= 0) | (s > 1)).any(),
-            ((s_next < 0) | (s_next > s)).any(),
-            (a < 0).any(),
-            (s == 1).any(),
-            zero_std.any(),
-        ]
-    ).tolist()  # the one host sync
-    bad_sigma, bad_next, neg_a, at_one, zero = flags
-    if bad_sigma:
-        raise ValueError("sigma must lie in (0, 1]: the step starts from a noisy latent")
-    if bad_next:
-        raise ValueError("sigma_next must lie in [0, sigma]: sigmas decrease from noise to data")
-    if neg_a:
-        raise ValueError("noise_level must be >= 0")
-    smax = 0.5
-    if sde_type == "flow" and at_one:
-        if sigma_max is None:
-            raise ValueError(
-                "sde_type='flow' at sigma == 1 divides by 1 - sigma; pass sigma_max=sigmas[1] "
-                "(the second sigma of the schedule, as Flow-GRPO does)"
-            )
-        smax = float(sigma_max)
-        if not 0.0 < smax < 1.0:
-            raise ValueError(f"sigma_max must lie in (0, 1), got {smax}")
-    if zero:
-        raise ValueError(
-            "std == 0: noise_level=0 is the ODE step; use ode_step (a cps step to "
-            "sigma_next=0 is deterministic too). Its log-probability is undefined."
-        )
+    smax = check_schedule(s, s_next, a, sde_type=sde_type, sigma_max=sigma_max, nonzero_std=True)
     d = math.prod(velocity.shape[1:])
     return StepArgs(s, s_next, a, smax, b, rep, d)
 

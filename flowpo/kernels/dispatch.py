@@ -13,9 +13,7 @@ import sys
 import torch
 from torch import Tensor
 
-from flowpo.kernels._args import Scalar, per_sample
-from flowpo.kernels.reference import step_std
-from flowpo.trainer.sde import SDEStep
+from flowpo.sde import Scalar, SDEStep, per_sample, step_std
 
 KERNEL_MODES = ("auto", "triton", "torch")
 _KERNEL_MODULES = ("flowpo.kernels.sde_logprob", "flowpo.kernels.guard_loss")
@@ -35,7 +33,7 @@ def resolve_backend(mode: str, device: torch.device | str) -> str:
 
     auto: Triton on CUDA (when installed), torch elsewhere. triton: on CPU it needs the Triton
     interpreter (TRITON_INTERPRET=1 before the kernels are imported; slow, for tests). torch:
-    the plain reference path of `flowpo.trainer.sde`.
+    the plain reference path of `flowpo.sde`.
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"train.kernels={mode!r} is not supported; choose one of {KERNEL_MODES}")
@@ -87,7 +85,7 @@ def fused_sde_step(
     cps_legacy_scale: bool = False,
     mean_out: bool = True,
 ) -> SDEStep:
-    """Drop-in for `trainer.sde.sde_step_with_logprob` when re-scoring a stored step (prev_sample
+    """Drop-in for `flowpo.sde.sde_step_with_logprob` when re-scoring a stored step (prev_sample
     given), through the fused kernel. mean_out=False skips writing the mean (SDEStep.mean is
     then None): the trainer needs it only for the KL term."""
     from flowpo.kernels.sde_logprob import sde_step_logprob

@@ -1,17 +1,16 @@
 """Torch references of the fused ops: what the kernels must compute, in float32 or float64.
 
-The step math is `flowpo.trainer.sde` (ALGORITHMS.md §1) written once more so that it also runs
-in float64 (the trainer's version computes in float32 whatever the input): tests compare the
-kernels against it in float32 and against float64, and `gradcheck` runs on it. It takes the
-kernels' arguments (prev_sample given, `sample` broadcastable from (S, ...)) and raises the same
-errors. Benchmarks import their eager and compiled baselines from here.
+The step formulas are `flowpo.sde`'s (ALGORITHMS.md §1), the same functions the trainer's torch
+path calls; this module puts them behind the kernels' arguments (prev_sample given, `sample`
+broadcastable from (S, ...)), checks, errors and dtypes: it computes in float32, or in float64
+when an input is float64, so tests compare the kernels against it in float32 and against
+float64, and `gradcheck` runs on it. Benchmarks import their eager and compiled baselines from
+here.
 
 Shapes: B batch, S = B or B / G or 1 rows of `sample`, D latent elements per image.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -23,66 +22,18 @@ from flowpo.kernels._args import (
     check_step,
     expand_sample,
 )
-from flowpo.trainer.sde import sde_step_with_logprob  # noqa: F401  (the trainer's eager path)
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from flowpo.sde import (
+    bcast,
+    log_density,
+    reduce_d,
+    sde_step_with_logprob,  # noqa: F401  (the trainer's eager path)
+    step_increment,
+)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half precision overflows in the mean)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _col(t: Tensor) -> Tensor:
-    """(B,) -> (B, 1): per-sample scalars against (B, D) rows."""
-    return t.unsqueeze(1)
-
-
-def step_std(
-    sigma: Tensor, sigma_next: Tensor, noise_level: Tensor, *, sde_type: str, sigma_max: float
-) -> Tensor:
-    """(B,) std of the step (`trainer.sde.sde_std` without its checks and host syncs)."""
-    dt = sigma_next - sigma
-    if sde_type == "flow":
-        s_tilde = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
-        return noise_level * torch.sqrt(sigma / (1 - s_tilde)) * torch.sqrt(-dt)
-    if sde_type == "dance":
-        return noise_level * torch.sqrt(-dt)
-    return sigma_next * torch.sin(noise_level * (math.pi / 2))
-
-
-def step_increment(
-    x: Tensor,
-    v: Tensor,
-    sigma: Tensor,
-    sigma_next: Tensor,
-    noise_level: Tensor,
-    *,
-    sde_type: str,
-    sigma_max: float,
-) -> tuple[Tensor, Tensor]:
-    """mu - x (B, D) and std (B,), in x's dtype; x, v (B, D), the rest (B,). No checks, no host
-    sync (so torch.compile sees one graph). Same formulas, in the same order, as
-    `trainer.sde._mean_parts`: the increment is kept apart from x so that x' - mu is formed as
-    (x' - x) - (mu - x), whose rounding error scales with the step, not with |x|."""
-    s, s_next, a = (t.to(x.dtype) for t in (sigma, sigma_next, noise_level))
-    dt = s_next - s
-    x1_hat = x + _col(1 - s) * v  # predicted noise eps
-    if sde_type == "flow":
-        s_tilde = torch.where(s == 1, torch.full_like(s, sigma_max), s)
-        sigma_t = a * torch.sqrt(s / (1 - s_tilde))
-        std = sigma_t * torch.sqrt(-dt)
-        delta = (v + _col(sigma_t.square() / (2 * s)) * x1_hat) * _col(dt)
-    elif sde_type == "dance":
-        std = a * torch.sqrt(-dt)
-        delta = v * _col(dt) + 0.5 * _col(a.square()) * (x1_hat / _col(s)) * _col(dt)
-    else:  # cps; c - s' = -std^2 / (c + s') has no cancellation (see trainer.sde)
-        std = s_next * torch.sin(a * (math.pi / 2))
-        c = torch.sqrt((s_next.square() - std.square()).clamp_min(0))
-        denom = c + s_next
-        c_minus = torch.where(denom > 0, -std.square() / denom.clamp_min(1e-30), 0.0)
-        delta = _col(c_minus) * x + (_col(c_minus * (1 - s)) + _col(dt)) * v
-    return delta, std
 
 
 def sde_logprob_math(
@@ -104,14 +55,8 @@ def sde_logprob_math(
     delta, std = step_increment(
         x, v, sigma, sigma_next, noise_level, sde_type=sde_type, sigma_max=sigma_max
     )
-    resid = (x_next - x) - delta
-    sq = resid.square()
-    sq = sq.mean(dim=1) if reduce == "mean" else sq.sum(dim=1)
-    if cps_legacy_scale:
-        log_prob = -sq
-    else:
-        n = 1 if reduce == "mean" else x.shape[1]  # per-element constants summed over D
-        log_prob = -sq / (2 * std.square()) - n * (torch.log(std) + _HALF_LOG_2PI)
+    resid = (x_next - x) - delta  # x' - mu, formed from the increment (see step_increment)
+    log_prob = log_density(resid, std, reduce=reduce, cps_legacy_scale=cps_legacy_scale)
     return log_prob, x + delta
 
 
@@ -196,9 +141,8 @@ def guard_math(
     delta, std = step_increment(
         x, v, sigma, sigma_next, noise_level, sde_type=sde_type, sigma_max=sigma_max
     )
-    eps = (x_next - mean_old) / _col(std)
-    prod = eps * ((x + delta) - mean_old)
-    log_ratio = prod.mean(dim=1) if reduce == "mean" else prod.sum(dim=1)
+    eps = (x_next - mean_old) / bcast(std, x)
+    log_ratio = reduce_d(eps * ((x + delta) - mean_old), reduce)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(x.dtype)
     unclipped = -adv * ratio
@@ -286,19 +230,3 @@ def guard_clipped_loss_ref(
         reduce=reduce,
     )
     return loss, guard_stats(log_ratio, clipped, loss, clip_low, clip_high)
-
-
-def ratio_norm_long_form(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    mean: Tensor,
-    mean_old: Tensor,
-    std: Tensor,
-    reduce: str = "mean",
-) -> Tensor:
-    """RatioNorm as GRPO-Guard writes it: (logp - logp_old + reduce_D(dmu^2) / (2 s^2)) * s,
-    with log-probs of the same x' under mu and mu_old reduced the same way; (B,)."""
-    b = mean.shape[0]
-    dmu_sq = (mean - mean_old).reshape(b, -1).square()
-    dmu_sq = dmu_sq.mean(dim=1) if reduce == "mean" else dmu_sq.sum(dim=1)
-    return (log_prob - old_log_prob + dmu_sq / (2 * std.square())) * std

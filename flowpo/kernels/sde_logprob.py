@@ -302,7 +302,7 @@ def sde_step_logprob(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of the stored transition sample -> prev_sample under velocity (fused).
 
-    The same numbers as `trainer.sde.sde_step_with_logprob(sample, velocity, sigma, sigma_next,
+    The same numbers as `flowpo.sde.sde_step_with_logprob(sample, velocity, sigma, sigma_next,
     noise_level, prev_sample=prev_sample, ...)` (float32 rounding aside).
     sample: (S, ...) x, S in {1, B/G, B} (rows b use sample row b // (B // S));
     velocity, prev_sample: (B, ...); float32, bfloat16 or float16, math in float32.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowpo.sde import reduce_d
+
 KL_ESTIMATORS = ("flow_grpo", "exact")
 
 
@@ -101,10 +103,8 @@ def kl_to_reference(
         )
     if mean.shape != ref_mean.shape:
         raise ValueError(f"ref_mean {tuple(ref_mean.shape)} must match mean {tuple(mean.shape)}")
-    b = mean.shape[0]
     # float32: the difference of two bf16 means would be mostly rounding noise
-    sq = (mean.float() - ref_mean.detach().float()).square().reshape(b, -1)
-    sq = sq.mean(dim=1) if reduce == "mean" else sq.sum(dim=1)
+    sq = reduce_d((mean.float() - ref_mean.detach().float()).square(), reduce)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     if estimator == "exact":
         return sq / (2 * std_t.square())
@@ -114,11 +114,6 @@ def kl_to_reference(
 
 
 # -- GRPO-Guard (ALGORITHMS.md §5) ----------------------------------------------------------------
-
-
-def _reduce_d(t: Tensor, reduce: str) -> Tensor:
-    flat = t.reshape(t.shape[0], -1)
-    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)
 
 
 def ratio_norm_log_ratio(
@@ -150,7 +145,7 @@ def ratio_norm_log_ratio(
     eps = (prev_sample.detach().float() - old) / std.detach().float().reshape(
         (-1,) + (1,) * (mean.ndim - 1)
     )
-    return _reduce_d(eps * (mean.float() - old), reduce)
+    return reduce_d(eps * (mean.float() - old), reduce)
 
 
 def ratio_norm_long_form(
@@ -166,7 +161,7 @@ def ratio_norm_long_form(
     float64: the definition RatioNorm's closed form is tested against (not used in training:
     it cancels two large terms)."""
     s = std.double()
-    dmu2 = _reduce_d((mean.double() - old_mean.double()).square(), reduce)
+    dmu2 = reduce_d((mean.double() - old_mean.double()).square(), reduce)
     return (log_prob.double() - old_log_prob.double() + dmu2 / (2 * s.square())) * s
 
 

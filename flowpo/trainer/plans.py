@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from flowpo.trainer.sde import sde_std
+from flowpo.sde import sde_std
 
 if TYPE_CHECKING:
     from flowpo.config import Config

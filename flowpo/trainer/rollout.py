@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from flowpo.config import Config
+from flowpo.sde import ode_step, sde_step_with_logprob, shift_sigmas
 from flowpo.trainer.plans import (  # noqa: F401  (re-exported: the registry lives in plans.py)
     PLAN_REGISTRY,
     FullPlan,
@@ -26,7 +27,6 @@ from flowpo.trainer.plans import (  # noqa: F401  (re-exported: the registry liv
     build_plan,
     register_plan,
 )
-from flowpo.trainer.sde import ode_step, sde_step_with_logprob, shift_sigmas
 
 
 @dataclass
