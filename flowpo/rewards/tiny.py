@@ -13,7 +13,7 @@ def make_tiny_clip(out_dir: str, *, projection_dim: int = 8, image_size: int = 3
     """A random CLIPModel + CLIPProcessor (byte-level BPE tokenizer trained in code)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from flowpo.models.tiny import _clip_tokenizer
+    from flowpo.models.tiny_tokenizers import clip_tokenizer
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
@@ -38,7 +38,7 @@ def make_tiny_clip(out_dir: str, *, projection_dim: int = 8, image_size: int = 3
         ),
         projection_dim=projection_dim,
     )
-    tok = _clip_tokenizer(77)
+    tok = clip_tokenizer(77)
     assert len(tok) <= cfg.text_config.vocab_size and tok.eos_token_id == 1
     model = CLIPModel(cfg).eval()
     proc = CLIPProcessor(

@@ -39,13 +39,13 @@ def tiny_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
     from transformers import AddedToken, Qwen2Tokenizer
 
-    from flowpo.models.tiny import _WORDS, _replay_merges
+    from flowpo.models.tiny_tokenizers import WORDS, replay_merges
 
     probe = Qwen2Tokenizer()  # only for its pre-tokeniser (Qwen2 regex + byte level)
     pre = probe._tokenizer.pre_tokenizer
     # deterministic BPE (the `tokenizers` trainer breaks ties in hash order); byte-level: no
     # end-of-word suffix; it merges until no pair is left, so every listed word is one token
-    merges = _replay_merges(pre, " ".join(_WORDS), None, suffix="")
+    merges = replay_merges(pre, " ".join(WORDS), None, suffix="")
     vocab: dict[str, int] = {}
     for piece in sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]:
         vocab.setdefault(piece, len(vocab))
