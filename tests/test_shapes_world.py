@@ -34,6 +34,66 @@ def test_splits_are_disjoint_deterministic_and_cover_every_tag():
     assert all(w in words for p in held for w in p.split())
 
 
+def test_heldout_split_spreads_the_score_over_prompts():
+    """At least 3 held-out prompts per tag (no prompt carries a sixth of the overall), and the
+    default job's evaluation has at least 500 (prompt, seed) samples."""
+    from flowpo.config import load_config
+
+    held = splits()["heldout"]
+    for tag in TAGS:
+        assert sum(m["tag"] == tag for m in held) >= 3, tag
+    cfg = load_config("configs/shapes.yaml")
+    assert cfg.eval.prompt_file == "shapes:heldout" and cfg.eval.num_prompts == 0
+    assert len(held) * len(cfg.eval.seeds) >= 500
+
+
+def test_shape_templates_separate_every_rendered_shape():
+    """Each rendered shape at every size lies within SHAPE_DIST of its own 3x3 fill template
+    and beyond it from every other template (so noise has room on both sides)."""
+    from flowpo.tasks.shapes.detect import SHAPE_DIST, _tight, fill_grid, shape_templates
+    from flowpo.tasks.shapes.world import MAX_SIDE, MIN_SIDE, SHAPES, shape_mask
+
+    names, templates = shape_templates()
+    assert names == SHAPES
+    for s in SHAPES:
+        for side in range(MIN_SIDE, MAX_SIDE + 1):
+            g = fill_grid(_tight(shape_mask(s, side)))
+            d = np.sqrt(((templates - g) ** 2).mean(1))
+            own = d[names.index(s)]
+            other = np.delete(d, names.index(s)).min()
+            assert own <= 0.75 * SHAPE_DIST and other >= 1.3 * SHAPE_DIST, (s, side, own, other)
+
+
+def test_noisy_captions_mis_describe_only_their_tags_at_their_rates():
+    from flowpo.tasks.shapes.detect import analyse
+    from flowpo.tasks.shapes.pretrain import CAPTION_NOISE, noisy_scene_meta
+
+    rng = random.Random(0)
+    for tag in TAGS:
+        metas = [m for m in splits()["train"] if m["tag"] == tag]
+        changed = 0
+        for k in range(400):
+            m = metas[k % len(metas)]
+            n = noisy_scene_meta(m, rng, CAPTION_NOISE)
+            changed += n != m
+            if n == m:
+                continue
+            if tag == "position":  # placed freely: no position clause left
+                assert all("position" not in c for c in n["include"])
+            elif tag == "counting":  # off by one, never zero
+                assert abs(n["include"][0]["count"] - m["include"][0]["count"]) == 1
+                assert n["include"][0]["count"] >= 1
+            elif tag == "color_attr":  # the two colours swapped
+                assert [c["color"] for c in n["include"]] == [
+                    c["color"] for c in m["include"][::-1]
+                ]
+            # the mis-described scene still renders and scores as its own description
+            img = render(n, k)
+            assert score(analyse(img)[0], n)[0]
+        rate = CAPTION_NOISE.get(tag, 0.0)
+        assert abs(changed / 400 - rate) < 0.08, (tag, changed / 400, rate)
+
+
 def test_metadata_lines_validate_and_bad_ones_fail():
     for m in all_prompts():
         validate_metadata(m)
@@ -161,12 +221,38 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
     from flowpo.tasks.shapes.pretrain import pretrain
 
     summary = pretrain(
-        str(tmp_path), steps=2, batch_size=4, eval_every=10**9, sigma_shift=2.5, log=lambda m: m
+        str(tmp_path),
+        steps=2,
+        batch_size=4,
+        eval_every=10**9,
+        sigma_shift=2.5,
+        compile=False,
+        log=lambda m: m,
     )
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path), vae=None, local_files_only=True)
     assert pipe.scheduler.config.shift == 2.5
     assert (tmp_path / "pretrain_summary.json").is_file()
+
+
+def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path):
+    """A run stopped after step 2 and resumed with --resume saves the same weights as one run
+    straight through (weights, EMA, optimiser and RNG states are all restored)."""
+    from safetensors.torch import load_file
+
+    from flowpo.tasks.shapes.pretrain import pretrain
+
+    kw = dict(steps=4, batch_size=4, eval_every=10**9, save_every=10**9, compile=False)
+    pretrain(str(tmp_path / "a"), **kw, log=lambda m: m)
+    assert pretrain(str(tmp_path / "b"), **kw, stop_at=2, log=lambda m: m) is None
+    assert not (tmp_path / "b" / "transformer").exists()
+    pretrain(str(tmp_path / "b"), **kw, resume=True, log=lambda m: m)
+    for sub in ("transformer/diffusion_pytorch_model", "text_encoder_3/model"):
+        a = load_file(tmp_path / "a" / f"{sub}.safetensors")
+        b = load_file(tmp_path / "b" / f"{sub}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    with pytest.raises(ValueError, match="settings differ"):
+        pretrain(str(tmp_path / "b"), **{**kw, "steps": 6}, resume=True, log=lambda m: m)
 
 
 def test_overall_standard_error_combines_binomial_tag_errors():

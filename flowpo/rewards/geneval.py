@@ -7,7 +7,7 @@ on models loadable through transformers, for training (partial credit) and evalu
   of the instance masks (transformers' Mask2Former returns masks, not boxes).
 - Colour: CLIP zero-shot over GenEval's 10 colours ("a photo of a {colour} {class}") on the
   object's box crop with pixels outside its mask painted grey #999 (GenEval's bgcolor).
-- Rules: flowpo/tasks/shapes/detect.py's `score` (GenEval's count, colour, position rules with
+- Rules: flowpo/rewards/geneval_rules.py's `score` (GenEval's count, colour, position rules with
   its 0.1 position threshold); `details["strict"]` is GenEval correctness, the score is partial
   credit (one point per check). `position_failure_point=True` reproduces Flow-GRPO's published
   score, which still adds a full point after a failed position check (default off).
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
-from flowpo.tasks.shapes.detect import Detection, score
+from flowpo.rewards.geneval_rules import Detection, score
 
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 16  # GenEval's values
 BGCOLOR = (153, 153, 153)  # GenEval's #999

@@ -15,19 +15,22 @@ def shapes_reward(
     """quality_weight > 0 adds a dense drawing-quality term (the fraction of drawn pixels in
     recognised shapes, `details["quality"]`) to the partial credit: GenEval's score is flat
     while shapes are too ragged to detect, the quality term grades that. exact_counts adds
-    checks against extra objects to the partial credit (see `detect.score`); `strict` stays
-    GenEval's rule, so evaluations are unchanged."""
-    from flowpo.tasks.shapes.detect import detect_with_quality, score
+    checks against extra objects to the partial credit (see `geneval_rules.score`); `strict`
+    stays GenEval's rule, so evaluations are unchanged. The details also carry drawing
+    statistics that evaluation reports to expose reward hacking: `excess_objects` (recognised
+    objects minus the objects the prompt asks for), `components` and `recognised`."""
+    from flowpo.tasks.shapes.detect import analyse, score
 
     def fn(images, prompts, metadata) -> RewardOutput:
-        partial, strict, quality = [], [], []
+        partial, strict, quality, excess, comps, recog = [], [], [], [], [], []
         for img, prompt, meta in zip(to_uint8_hwc(images), prompts, metadata):
             if not meta or "include" not in meta:
                 raise ValueError(
                     f"reward 'shapes' needs GenEval metadata for prompt {prompt!r}; use "
                     "rollout.prompt_file=shapes:train (or a GenEval-style .jsonl)"
                 )
-            found, q = detect_with_quality(img)
+            found, stats = analyse(img)
+            q = stats["quality"]
             ok, sc, _ = score(
                 found,
                 meta,
@@ -37,11 +40,20 @@ def shapes_reward(
             partial.append(sc + quality_weight * q)
             strict.append(float(ok))
             quality.append(q)
+            asked = sum(c["count"] for c in meta["include"])
+            excess.append(len(found) - asked)
+            comps.append(stats["components"])
+            recog.append(stats["recognised"])
         return RewardOutput(
             scores=torch.tensor(partial, dtype=torch.float32),
             details={
                 "strict": torch.tensor(strict, dtype=torch.float32),
                 "quality": torch.tensor(quality, dtype=torch.float32),
+                # drawing statistics (not rewarded): objects drawn beyond those asked for,
+                # and the detector's components and how many of them are recognised shapes
+                "excess_objects": torch.tensor(excess, dtype=torch.float32),
+                "components": torch.tensor(comps, dtype=torch.float32),
+                "recognised": torch.tensor(recog, dtype=torch.float32),
             },
         )
 

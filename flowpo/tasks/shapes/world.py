@@ -1,6 +1,6 @@
 """The shapes world: a miniature GenEval.
 
-Vocabulary: 3 shapes x 4 colours on a white 32x32 canvas, counts 1-4, four relative positions.
+Vocabulary: 5 shapes x 4 colours on a white 32x32 canvas, counts 1-4, four relative positions.
 Prompts follow GenEval's six tags and its metadata format (arXiv 2310.11513): each prompt has
 `include` clauses {class, count[, color][, position: [relation, clause_index]]} and, for
 counting, an `exclude` clause {class, count: n+1}. The renderer draws a prompt's scene with
@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from flowpo.rewards.geneval_rules import relative_position
+
 SIZE = 32  # canvas side in pixels
-SHAPES = ("circle", "square", "triangle")
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")
+PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -30,7 +32,16 @@ BACKGROUND = (255, 255, 255)
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-HELDOUT_FRACTION = 0.25
+# held-out prompts per tag: at least 3 in every tag, so no single prompt carries a sixth of
+# GenEval's overall (the mean over tags); 31 prompts x 17 seeds = 527 evaluation samples
+HELDOUT_PER_TAG = {
+    "single_object": 3,
+    "two_object": 3,
+    "counting": 4,
+    "colors": 5,
+    "position": 8,
+    "color_attr": 8,
+}
 SPLIT_SEED = 1234
 MIN_SIDE, MAX_SIDE = 8, 11  # object bounding-box side in pixels
 GAP = 2  # minimum free pixels between objects, so components never touch
@@ -102,13 +113,14 @@ def all_prompts() -> list[dict[str, Any]]:
 
 
 def splits() -> dict[str, list[dict[str, Any]]]:
-    """Fixed train / held-out split: per tag, a seeded 25% (at least one prompt) is held out."""
+    """Fixed train / held-out split: per tag, a seeded `HELDOUT_PER_TAG[tag]` prompts are held
+    out. Every word of a held-out prompt occurs in training prompts (held out = new
+    combinations; `tests/test_shapes_world.py` checks it)."""
     rng = random.Random(SPLIT_SEED)
     train, held = [], []
     for tag in TAGS:
         items = [p for p in all_prompts() if p["tag"] == tag]
-        k = max(1, round(len(items) * HELDOUT_FRACTION))
-        chosen = set(rng.sample(range(len(items)), k))
+        chosen = set(rng.sample(range(len(items)), HELDOUT_PER_TAG[tag]))
         for i, item in enumerate(items):
             (held if i in chosen else train).append(item)
     return {"train": train, "heldout": held}
@@ -178,6 +190,12 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
         return (xx - r) ** 2 + (yy - r) ** 2 <= r * r
     if shape == "triangle":  # apex up, base at the bottom
         return np.abs(xx - side / 2) <= yy / 2
+    if shape == "diamond":  # a square standing on a corner
+        return np.abs(xx - side / 2) + np.abs(yy - side / 2) <= side / 2
+    if shape == "ring":  # a circle with a hole, the band a quarter of the side (>= 2 px)
+        r = side / 2
+        d2 = (xx - r) ** 2 + (yy - r) ** 2
+        return (d2 <= r * r) & (d2 > (r - max(2.0, side / 4)) ** 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -201,8 +219,6 @@ def _free(box, placed) -> bool:
 
 
 def relation_holds(a: Obj, b: Obj, rel: str) -> bool:
-    from flowpo.tasks.shapes.detect import relative_position
-
     return rel in relative_position(a.tight_box, b.tight_box)
 
 
