@@ -170,7 +170,7 @@ class Case:
         data = tr.rollout(epoch)
         m = data.metrics
         self.images = data.rewards.numel()
-        self.plan = tr.plan.step_plan(tr._schedule(), epoch, 0)
+        self.plan = tr.plan.step_plan(tr.schedule(), epoch, 0)
         if self.name not in SAMPLING_ONLY:
             adv, _ = tr.advantages(data)
             self.phase = "train"

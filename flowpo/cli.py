@@ -176,7 +176,7 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
     """Recipe + overrides; on resume, the run's saved resolved config + overrides."""
     import yaml
 
-    from flowpo.trainer.grpo import find_checkpoint
+    from flowpo.trainer.checkpoint import find_checkpoint, run_dir_of
 
     if args.resume is None:
         return load_config(_recipe(args.config), overrides)
@@ -188,7 +188,7 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
             )
         run_dir = Path(first.logging.run_dir) / first.logging.run_name
     else:
-        run_dir = find_checkpoint(args.resume, Path(".")).parent.parent
+        run_dir = run_dir_of(find_checkpoint(args.resume, Path(".")))
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(
@@ -203,11 +203,11 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from flowpo.trainer.grpo import GRPOTrainer
+    from flowpo.trainer.signals import TrainingInterrupted
 
     cfg = resolve_train_config(args, overrides)
     # fail on bad input before any process group or model is started
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from flowpo.trainer.grpo import TrainingInterrupted
 
     trainer = GRPOTrainer(cfg)
     ok = False
@@ -229,8 +229,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from flowpo.models.base import load_adapter
-    from flowpo.trainer.logging import save_grid
+    from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.rollout import sample_ode
+    from flowpo.trainer.tracking import save_grid
 
     adapter = load_adapter(args.family, args.model, guidance_scale=args.guidance_scale)
     adapter.freeze_frozen_parts()
@@ -257,54 +258,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_trainable(adapter, ckpt: Path) -> None:
-    """Apply a checkpoint's trainable weights (LoRA adapters or full state dict) to the adapter."""
-    import json
-
-    import yaml
-    from safetensors.torch import load_file
-
-    from flowpo.trainer.grpo import checkpoint_problem
-
-    if not (ckpt / "trainer_state.json").is_file():
-        raise FileNotFoundError(
-            f"--checkpoint '{ckpt}' is not a flowpo checkpoint (no trainer_state.json); "
-            "give a RUN/checkpoints/checkpoint-N directory"
-        )
-    problem = checkpoint_problem(ckpt)
-    if problem:
-        raise FileNotFoundError(f"--checkpoint '{ckpt}' is incomplete: {problem}")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    module = adapter.trainable_module
-    if state["lora"]:
-        from peft import LoraConfig, set_peft_model_state_dict
-
-        cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-        module.add_adapter(
-            LoraConfig(
-                r=cfg.train.lora_rank,
-                lora_alpha=cfg.train.lora_alpha,
-                target_modules=adapter.lora_targets,
-            )
-        )
-        result = set_peft_model_state_dict(module, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint has unexpected LoRA keys: {result.unexpected_keys[:5]}")
-    else:
-        # a partial file (full fine-tuning of a subset) leaves the other weights at the base's
-        result = module.load_state_dict(weights, strict=not state.get("partial", False))
-        if result.unexpected_keys:
-            raise RuntimeError(f"checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
-
-
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
     from flowpo.models.base import load_adapter
+    from flowpo.models.resolve import resolve_model_path, torch_dtype
     from flowpo.rewards.base import WeightedReward, check_reward_services
+    from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
-    from flowpo.trainer.grpo import DTYPES, resolve_model_path
 
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:
@@ -315,8 +276,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     adapter = load_adapter(
         cfg.model.family,
-        resolve_model_path(cfg, out),
-        dtype=DTYPES[cfg.model.dtype],
+        resolve_model_path(cfg.model.path, out, seed=cfg.train.seed),
+        dtype=torch_dtype(cfg.model.dtype),
         resolution=cfg.model.resolution or None,
         guidance_scale=cfg.sampling.guidance_scale,
         **cfg.model.options,
@@ -415,7 +376,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strip_local_rank(argv: list[str]) -> list[str]:
+def strip_local_rank(argv: list[str]) -> list[str]:
     """The `deepspeed` launcher puts `--local_rank=N` right after the module name (before the
     subcommand); the rank comes from the LOCAL_RANK variable it also sets, so drop the flag."""
     out, skip = [], False
@@ -434,7 +395,7 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    argv = _strip_local_rank(sys.argv[1:] if argv is None else list(argv))
+    argv = strip_local_rank(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
@@ -443,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from flowpo.models.base import ModelLoadError
     from flowpo.rewards.client import RewardServiceError
-    from flowpo.trainer.logging import quiet_libraries
+    from flowpo.trainer.tracking import quiet_libraries
 
     quiet_libraries()
     try:

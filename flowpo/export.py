@@ -14,25 +14,18 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
-from flowpo.config import config_from_dict
+from flowpo.trainer.checkpoint import (
+    TRAINABLE,
+    TRAINABLE_EMA,
+    TRAINER_STATE,
+    base_model_dir,
+    checkpoint_config,
+    trainer_state,
+)
 
 
 class ExportError(ValueError):
     pass
-
-
-def base_model_dir(ckpt: Path, cfg) -> Path:
-    """The model directory the run started from (the recipe's model.path, resolved)."""
-    from flowpo.trainer.grpo import SHAPES_BASE
-
-    path = cfg.model.path
-    if path == "shapes:base":
-        return SHAPES_BASE
-    if path.startswith("tiny:"):  # built inside the run directory: RUN/checkpoints/CKPT
-        return ckpt.resolve().parents[1] / "base_model"
-    return Path(path)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, ema: bool = False, base=None) -> Path:
@@ -40,13 +33,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, ema: bool = False, b
     from safetensors.torch import load_file
 
     ckpt, out = Path(ckpt), Path(out)
-    if not (ckpt / "trainer_state.json").is_file():
+    if not (ckpt / TRAINER_STATE).is_file():
         raise ExportError(f"'{ckpt}' is not a flowpo checkpoint (no trainer_state.json)")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output '{out}' exists and is not empty; choose a new directory")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    name = "trainable_ema.safetensors" if ema else "trainable.safetensors"
+    state = trainer_state(ckpt)
+    cfg = checkpoint_config(ckpt)
+    name = TRAINABLE_EMA if ema else TRAINABLE
     if not (ckpt / name).is_file():
         hint = " (the run had train.ema=false)" if ema else ""
         raise ExportError(f"'{ckpt}' has no {name}{hint}")
@@ -66,11 +59,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, ema: bool = False, b
             "writes diffusers pipelines only — use the checkpoint with `flowpo sample`"
         )
     if state["lora"]:
-        from flowpo.models.base import MODEL_REGISTRY, _import_builtins, detect_family
+        from flowpo.models.base import adapter_class, detect_family
 
-        _import_builtins()
         family = cfg.model.family
-        targets = MODEL_REGISTRY[detect_family(str(base_dir)) if family == "auto" else family]
+        targets = adapter_class(detect_family(str(base_dir)) if family == "auto" else family)
         targets = targets.lora_targets
         meta = {
             "r": cfg.train.lora_rank,

@@ -69,7 +69,7 @@ def run_case(
         evaluation = (res.reward_mean, res.reward_std, res.num_samples)
     prompts = [cfg.rollout.prompts[i % len(cfg.rollout.prompts)] for i in range(GLOBAL_BATCH)]
     embeds = adapter.encode_prompts(prompts)
-    sigmas = trainer._schedule()
+    sigmas = trainer.schedule()
     plan = trainer.plan.step_plan(sigmas, 0, 0)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from flowpo.cli import _strip_local_rank
+from flowpo.cli import strip_local_rank
 from flowpo.config import ConfigError, load_config
-from flowpo.trainer.grpo import checkpoint_problem, find_checkpoint, write_manifest
+from flowpo.trainer.checkpoint import checkpoint_problem, find_checkpoint, write_manifest
 
 
 def _ckpt(root, n, payload=b"x" * 100, manifest=True):
@@ -97,9 +97,9 @@ def test_offload_fills_the_deepspeed_config():
 def test_deepspeed_launchers_local_rank_flag_is_taken_out(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     argv = ["--local_rank=1", "train", "-c", "x.yaml", "--train.epochs=2"]
-    assert _strip_local_rank(argv) == ["train", "-c", "x.yaml", "--train.epochs=2"]
+    assert strip_local_rank(argv) == ["train", "-c", "x.yaml", "--train.epochs=2"]
     assert os.environ["LOCAL_RANK"] == "1"
-    assert _strip_local_rank(["--local-rank", "0", "train"]) == ["train"]
+    assert strip_local_rank(["--local-rank", "0", "train"]) == ["train"]
 
 
 def test_dropping_text_encoders_keeps_cached_prompts_and_refuses_new_ones(tiny_dirs):

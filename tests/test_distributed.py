@@ -188,8 +188,8 @@ def _assert_export_matches_policy(base_dir: str, ckpt: Path, out: Path, lora: bo
     trained policy (the checkpoint applied to flowpo's adapter), same noise, same embeddings."""
     from diffusers import StableDiffusion3Pipeline
 
-    from flowpo.cli import load_trainable
     from flowpo.models.base import load_adapter
+    from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.rollout import sample_ode
 
     policy = load_adapter("sd3", base_dir, guidance_scale=4.5)

@@ -186,15 +186,17 @@ def test_ema_state_round_trips(tmp_path):
 def test_ema_checkpoint_exports_the_ema_weights_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
+    from flowpo.trainer.checkpoint import load_ema, save_ema
+
     m = _module()
     ema = EMA(m, decay=0.5, update_interval=1)
     with torch.no_grad():
         m[0].weight.add_(4.0)
     ema.update(20)
-    ema.save_checkpoint(tmp_path, 0, lambda: {k: v.clone() for k, v in m.state_dict().items()})
+    save_ema(tmp_path, ema, 0, lambda: {k: v.clone() for k, v in m.state_dict().items()})
     exported = load_file(str(tmp_path / "trainable_ema.safetensors"))
     assert torch.equal(exported["0.weight"], ema.shadow["0.weight"])  # EMA, not training weights
     assert not torch.equal(exported["0.weight"], m[0].weight.detach())
     fresh = EMA(_module(), decay=0.5)
-    assert fresh.load_checkpoint(tmp_path, 0) and not fresh.load_checkpoint(tmp_path, 1)
+    assert load_ema(tmp_path, fresh, 0) and not load_ema(tmp_path, fresh, 1)
     assert torch.equal(fresh.shadow["0.weight"], ema.shadow["0.weight"])

@@ -1,5 +1,6 @@
 """ALGORITHMS.md §6 invariant 4 at the adapter level: re-scoring a stored rollout with the
-unchanged LoRA policy gives ratio == 1 exactly (tiny SD3 with CFG, tiny FLUX)."""
+unchanged LoRA policy gives ratio == 1 exactly (tiny SD3 with CFG, tiny FLUX), through the
+trainer's own per-transition loss (`trainer.update.step_loss`, kernel dispatch included)."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from flowpo.config import load_config
 from flowpo.models.base import load_adapter
 from flowpo.trainer.rollout import build_plan, sample_rollout
-from flowpo.trainer.sde import sde_step_with_logprob
+from flowpo.trainer.update import step_loss
 from tests.conftest import add_active_lora
 
 
@@ -29,22 +30,14 @@ def test_first_update_ratio_is_exactly_one(tiny_dirs, family, guidance, sde_type
     ro = sample_rollout(adapter, embeds, plan, sigmas, cfg, torch.Generator().manual_seed(0))
     assert ro.log_probs.shape == (4, len(plan.trained))
     module.train()  # training mode, with autograd, as the update runs
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     devs = []
     for j in range(len(plan.trained)):
-        v = adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
-        step = sde_step_with_logprob(
-            ro.latents[:, j],
-            v,
-            ro.sigmas[:, j],
-            ro.sigmas_next[:, j],
-            ro.noise_levels[:, j],
-            sde_type=sde_type,
-            prev_sample=ro.next_latents[:, j],
-            sigma_max=float(sigmas[1]),
-        )
-        assert step.log_prob.requires_grad
-        ratio = torch.exp(step.log_prob - ro.log_probs[:, j])
+        out = step_loss(adapter, ro, j, embeds, adv, cfg, sigma_max=float(sigmas[1]))
+        assert out.step.log_prob.requires_grad and out.loss.requires_grad
+        ratio = torch.exp(out.step.log_prob - ro.log_probs[:, j])
         devs.append((ratio - 1).abs().max().item())
+        assert out.stats["ratio_max_dev"].item() <= 1e-6  # what the trainer logs
     assert max(devs) <= 1e-6, devs
 
 

@@ -25,7 +25,8 @@ from flowpo.trainer.rollout import (
     sample_rollout,
     shared_anchor_forward,
 )
-from flowpo.trainer.sde import sde_std, sde_step_with_logprob, shift_sigmas
+from flowpo.trainer.sde import sde_std, shift_sigmas
+from flowpo.trainer.update import step_loss
 from tests.conftest import ENV, ROOT, add_active_lora
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -280,22 +281,17 @@ def test_first_rescore_ratio_is_exactly_one_on_every_plan(tiny_dirs, plan_name, 
     module.train()
     calls = []
     hook = module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     for j in range(ro.num_trained):
-        with shared_anchor_forward(adapter, ro.anchors[:, j]):
-            v = adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
-        step = sde_step_with_logprob(
-            ro.latents[:, j],
-            v,
-            ro.sigmas[:, j],
-            ro.sigmas_next[:, j],
-            ro.noise_levels[:, j],
-            prev_sample=ro.next_latents[:, j],
-            sigma_max=float(sigmas[1]),
-        )
-        assert step.log_prob.requires_grad
+        # the trainer's own per-transition loss: shared-anchor forward, re-score (kernel
+        # dispatch included), RatioNorm's log-ratio, the clipped objective
+        out = step_loss(adapter, ro, j, embeds, adv, cfg, sigma_max=float(sigmas[1]))
+        step = out.step
+        assert step.log_prob.requires_grad and out.loss.requires_grad
         ratio = torch.exp(step.log_prob - ro.log_probs[:, j])
         assert (ratio - 1).abs().max().item() <= 1e-6, (plan_name, j)
         assert torch.equal(step.mean, ro.means[:, j])  # RatioNorm's dmu is exactly 0
+        assert out.stats["ratio_max_dev"].item() == 0.0  # so its ratio is exactly 1
     hook.remove()
     assert len(calls) == ro.num_trained  # one transformer forward per trained column
 

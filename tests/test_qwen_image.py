@@ -317,7 +317,7 @@ def test_bf16_model_returns_float32_velocity_close_to_float32(qwen_dir, qwen):
 def test_rollouts_sample_and_first_rescore_ratio_is_exactly_one_with_cfg(qwen_dir, plan_name):
     from flowpo.config import load_config
     from flowpo.trainer.rollout import build_plan, sample_rollout
-    from flowpo.trainer.sde import sde_step_with_logprob
+    from flowpo.trainer.update import step_loss
 
     cfg = load_config(str(ROOT / "configs" / "tiny_qwen_image_jpeg.yaml"),
                       [f"--rollout.plan={plan_name}", "--sampling.num_steps=6",
@@ -338,15 +338,12 @@ def test_rollouts_sample_and_first_rescore_ratio_is_exactly_one_with_cfg(qwen_di
     assert images.shape == (4 * ro.images_per_sample, 3, 32, 32) and images.std() > 0
     module.train()
     devs = []
-    for j in range(k):
-        v = adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
-        step = sde_step_with_logprob(
-            ro.latents[:, j], v, ro.sigmas[:, j], ro.sigmas_next[:, j], ro.noise_levels[:, j],
-            sde_type=cfg.sampling.sde_type, prev_sample=ro.next_latents[:, j],
-            sigma_max=float(sigmas[1]),
-        )  # fmt: skip
-        assert step.log_prob.requires_grad
-        devs.append((torch.exp(step.log_prob - ro.log_probs[:, j]) - 1).abs().max().item())
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for j in range(k):  # the trainer's own per-transition loss (re-score, clipped objective)
+        out = step_loss(adapter, ro, j, embeds, adv, cfg, sigma_max=float(sigmas[1]))
+        assert out.step.log_prob.requires_grad and out.loss.requires_grad
+        devs.append((torch.exp(out.step.log_prob - ro.log_probs[:, j]) - 1).abs().max().item())
+        assert out.stats["ratio_max_dev"].item() <= 1e-6
     assert max(devs) <= 1e-6, devs
 
 
@@ -433,7 +430,7 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
     # export round trip: diffusers' QwenImagePipeline.load_lora_weights restores the policy
     from diffusers import QwenImagePipeline
 
-    from flowpo.cli import load_trainable
+    from flowpo.trainer.checkpoint import load_trainable
 
     ckpt, out = lora.parent, tmp_path / "export"
     p = run_flowpo("export", str(ckpt), str(out))

@@ -382,6 +382,12 @@ def _import_builtins() -> None:
             importlib.import_module(mod)
 
 
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter class registered as `family` (the built-in families imported first)."""
+    _import_builtins()
+    return MODEL_REGISTRY[family]
+
+
 def detect_family(model_dir: str) -> str:
     """The registered family whose pipeline class model_index.json names (`_class_name`), or
     whose `layout_files` are all in the directory (layouts without model_index.json)."""

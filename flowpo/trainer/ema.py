@@ -10,12 +10,15 @@ with LoRA — and never takes part in the training forward or backward.
     ...after each optimizer step n (1, 2, ...):  ema.update(n)
     with ema.applied():          # the module runs with the EMA weights inside the block
         evaluate(...)
+
+`TrainingEMA` is the trainer's side: it builds the EMA of the engine's module on first use and
+folds the weights in after each optimizer step. The checkpoint files are `trainer.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -104,23 +107,45 @@ class EMA:
     def load(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    def save_checkpoint(
-        self, ckpt_dir: Path, rank: int, export: Callable[[], dict[str, Tensor]]
-    ) -> None:
-        """This rank's state as ema_rank{rank}.pt (for resume) and, on rank 0, the EMA weights
-        as trainable_ema.safetensors, written by `export` (the trainer's trainable_state_dict,
-        run on every rank as ZeRO-3 gathers need) under `applied()`."""
-        self.save(Path(ckpt_dir) / f"ema_rank{rank}.pt")
-        with self.applied():
-            weights = export()
-        if rank == 0:
-            from safetensors.torch import save_file
 
-            save_file(weights, str(Path(ckpt_dir) / "trainable_ema.safetensors"))
+class TrainingEMA:
+    """train.ema for the trainer: an EMA of the engine's trainable weights, built on first use
+    (from the weights at that moment: after a resume, the loaded ones) and updated after each
+    optimizer step. DeepSpeed steps only at the accumulation boundary, so the engine's step
+    counter, not the call, decides when. Without train.ema every method is a no-op."""
 
-    def load_checkpoint(self, ckpt_dir: Path, rank: int) -> bool:
-        """Load ema_rank{rank}.pt from a checkpoint if it has one; returns whether it did."""
-        path = Path(ckpt_dir) / f"ema_rank{rank}.pt"
-        if path.is_file():
-            self.load(path)
-        return path.is_file()
+    def __init__(self, engine, train_cfg):
+        self.engine, self.cfg = engine, train_cfg
+        self._ema: EMA | None = None
+        self._seen = 0
+
+    def get(self) -> EMA | None:
+        """The EMA (built on the first call) when train.ema is on, else None."""
+        t = self.cfg
+        if not t.ema:
+            return None
+        if self._ema is None:
+            self._ema = EMA(
+                self.engine.module,
+                decay=t.ema_decay,
+                update_interval=t.ema_update_interval,
+                warmup=t.ema_warmup,
+            )
+            self._seen = self.engine.optimizer_steps
+        return self._ema
+
+    def scope(self):
+        """Context manager: the EMA weights inside the block (evaluation, export); a no-op
+        without train.ema."""
+        ema = self.get()
+        return ema.applied() if ema is not None else contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        """Fold the weights in if the engine took an optimizer step since the last call."""
+        ema = self.get()
+        if ema is None:
+            return
+        steps = self.engine.optimizer_steps
+        if steps != self._seen:
+            self._seen = steps
+            ema.update(steps)

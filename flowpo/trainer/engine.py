@@ -136,8 +136,78 @@ def shard_frozen_modules(cfg: Config, modules: dict[str, nn.Module], world_size:
     return engines
 
 
-class Engine:
-    """Owns the DeepSpeed engine wrapping the trainable module, and every distributed call."""
+class Collectives:
+    """Every collective the trainer makes, over the process group of `init_distributed`. On one
+    rank each is a no-op that returns its input, so a one-rank run never waits on the group.
+    The Engine is one (it inherits these); the trainer uses a bare one only before the model,
+    and so the Engine, exists."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device | str | None = None):
+        self.rank, self.world_size = rank, world_size
+        if device is None:
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
+        self.device = torch.device(device)
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (picklable objects)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order (picklable objects)."""
+        if self.world_size == 1:
+            return [obj]
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, obj)
+        return everyone
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order)."""
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts, 0)
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's integer."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def mean_over_ranks(self, metrics: dict[str, float], maxed=()) -> dict[str, float]:
+        """Mean over ranks of each value (max for the keys in `maxed`), in float64, so logs
+        describe the global batch."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        m = torch.tensor([metrics[k] if k in maxed else 0.0 for k in keys], dtype=torch.float64)
+        m = m.to(self.device)
+        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
+        return {
+            k: float(m[i] if k in maxed else t[i] / self.world_size) for i, k in enumerate(keys)
+        }
+
+
+class Engine(Collectives):
+    """Owns the DeepSpeed engine wrapping the trainable module, and (as Collectives) every
+    distributed call."""
 
     def __init__(
         self,
@@ -149,10 +219,12 @@ class Engine:
         grad_accum: int,
         rank: int,
         world_size: int,
+        device: torch.device | str | None = None,
     ):
         import deepspeed
 
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        super().__init__(rank, world_size, device)
+        self.cfg = cfg
         self.lora = cfg.train.lora
         self.ref_module: nn.Module | None = None
         if cfg.engine.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
@@ -216,22 +288,6 @@ class Engine:
             full = int(getattr(p, "ds_numel", p.numel()))
             rows.append((name, p.numel(), shard, full))
         return rows
-
-    # -- rank helpers ---------------------------------------------------------------------------
-    @property
-    def is_rank0(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order)."""
-        if self.world_size == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, t.contiguous())
-        return torch.cat(parts, 0)
 
     # -- optimisation ---------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:

@@ -13,8 +13,8 @@ import torch
 
 from flowpo.config import Config
 from flowpo.trainer.data import load_prompt_items
-from flowpo.trainer.logging import progress, save_grid
 from flowpo.trainer.rollout import sample_ode
+from flowpo.trainer.tracking import progress, save_grid
 
 
 @dataclass

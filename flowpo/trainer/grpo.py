@@ -1,55 +1,45 @@
-"""The epoch loop: rollout -> rewards -> advantages -> update -> eval / checkpoint.
+"""The epoch loop: rollout -> score -> advantages -> update -> evaluate -> checkpoint.
 
-Each stage is a named method that fits on a screen. Model specifics live in the adapter, the
-rollout plan declares the trained steps, DeepSpeed lives in the Engine.
+Each stage is a named method that fits on a screen, and `train` calls them in that order. Model
+specifics live in the adapter, the rollout plan declares the trained steps, DeepSpeed and every
+collective live in the Engine, the checkpoint format in `checkpoint`, one transition's loss in
+`update`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
+import functools
 import random
-import shutil
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from flowpo.config import Config
-from flowpo.rewards.base import (
-    RewardError,
-    WeightedReward,
-    check_reward_services,
-    group_normalized_total,
-)
-from flowpo.rewards.client import RewardServiceError
+from flowpo.models.resolve import resolve_model_path, torch_dtype
+from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
+from flowpo.trainer.checkpoint import (
+    checkpoint_dir,
+    checkpoint_problem,
+    find_checkpoint,
+    resume,
+    save_checkpoint,
+)
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
-from flowpo.trainer.ema import EMA
-from flowpo.trainer.evaluation import EvalResult, accuracy_table, run_eval, save_eval_grid
-from flowpo.trainer.logging import RunLogger, plot_curves, print0, progress
-from flowpo.trainer.losses import (
-    clipped_policy_loss,
-    gradient_reweight_factor,
-    kl_to_reference,
-    ratio_norm_log_ratio,
-)
-from flowpo.trainer.rollout import (
-    Rollout,
-    build_plan,
-    rollout_sigmas,
-    sample_rollout,
-    shared_anchor_forward,
-)
-from flowpo.trainer.sde import sde_step_with_logprob
+from flowpo.trainer.ema import TrainingEMA
+from flowpo.trainer.engine import Collectives, Engine, close_distributed, init_distributed
+from flowpo.trainer.evaluation import EvalResult, run_eval, save_eval_grid
+from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas, sample_rollout
+from flowpo.trainer.signals import StopSignals, TrainingInterrupted
+from flowpo.trainer.startup import check_reward_services_on_every_rank, check_same_config
+from flowpo.trainer.summary import eval_numbers, finish_run
+from flowpo.trainer.tracking import RunLogger, print0, progress, resolve_run_dir
+from flowpo.trainer.update import reference_policy, step_loss
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
 
 
 @dataclass
@@ -63,113 +53,6 @@ class EpochData:
     metrics: dict[str, float] = field(default_factory=dict)  # phase times, plan placement
 
 
-SHAPES_BASE = Path(__file__).resolve().parents[1] / "tasks" / "shapes" / "base_model"
-
-
-def resolve_model_path(cfg: Config, run_dir: Path, build: bool = True) -> str:
-    """`shapes:base` -> the committed shapes-world base model; `tiny:FAMILY` -> a tiny random
-    model built under run_dir/base_model (by the caller that passes build=True); else the path."""
-    path = cfg.model.path
-    if path == "shapes:base":
-        return str(SHAPES_BASE)
-    if not path.startswith("tiny:"):
-        return path
-    from flowpo.models.tiny import make_tiny
-
-    out = run_dir / "base_model"
-    # diffusers layout (model_index.json) or the official Bagel layout (llm_config.json)
-    built = any((out / f).is_file() for f in ("model_index.json", "llm_config.json"))
-    if build and not built:
-        make_tiny(path.split(":", 1)[1], str(out), seed=cfg.train.seed)
-    return str(out)
-
-
-def asdict_eval(res: EvalResult) -> dict:
-    """The JSON-able numbers of an evaluation (kept in the trainer state for resume)."""
-    return {
-        "reward_mean": res.reward_mean,
-        "reward_std": res.reward_std,
-        "num_samples": res.num_samples,
-        "accuracy": res.accuracy,
-        "counts": res.counts,
-    }
-
-
-def resolve_run_dir(cfg: Config, rank: int, broadcast) -> Path:
-    name = cfg.logging.run_name
-    if not name:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S") if rank == 0 else None
-        name = f"{cfg.recipe}-{broadcast(stamp)}"
-    return Path(cfg.logging.run_dir) / name
-
-
-MANIFEST = "manifest.json"
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT reached the trainer: the state was checkpointed and the run stopped."""
-
-    def __init__(self, signum: int, checkpoint: Path | None):
-        self.signum, self.checkpoint = signum, checkpoint
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no epoch finished)"
-        super().__init__(f"stopped by {signal.Signals(signum).name}; {where}")
-
-
-def write_manifest(ckpt: Path) -> None:
-    """Name and size of every file of a finished checkpoint; written last, inside it."""
-    files = {
-        str(f.relative_to(ckpt)): f.stat().st_size
-        for f in sorted(ckpt.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
-    (ckpt / MANIFEST).write_text(json.dumps(files, indent=0))
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why `ckpt` is not a complete checkpoint (missing manifest, file missing or truncated),
-    or None when every file the manifest lists is there with its size."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        return "no manifest (the save did not finish)"
-    for name, size in json.loads(manifest.read_text()).items():
-        f = ckpt / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
-    return None
-
-
-def find_checkpoint(spec: str, run_dir: Path) -> Path:
-    """`latest` -> the newest complete checkpoint of run_dir (the `latest` pointer's, else the
-    newest whose manifest checks out); else a checkpoint directory, which must be complete."""
-    if spec == "latest":
-        root = run_dir / "checkpoints"
-        pointer = root / "latest"
-        candidates = [root / pointer.read_text().strip()] if pointer.is_file() else []
-        candidates += sorted(
-            (p for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-            key=lambda p: int(p.name.split("-")[1]),
-            reverse=True,
-        )
-        for ckpt in candidates:
-            problem = checkpoint_problem(ckpt)
-            if problem is None:
-                return ckpt
-            print(f"warning: skipping {ckpt}: {problem}", flush=True)
-        raise FileNotFoundError(
-            f"checkpoint.resume=latest: no complete checkpoint in {run_dir}; set "
-            "logging.run_name to the run to continue, or pass a checkpoint directory"
-        )
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume '{spec}' is not a flowpo checkpoint directory")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise FileNotFoundError(f"checkpoint.resume '{spec}' is incomplete: {problem}")
-    return path
-
-
 class GRPOTrainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -178,7 +61,6 @@ class GRPOTrainer:
     def setup(self) -> None:
         from flowpo.kernels import resolve_backend
         from flowpo.models.base import load_adapter
-        from flowpo.trainer.engine import Engine, init_distributed
 
         cfg = self.cfg
         self.rank, self.world, local_rank = init_distributed()
@@ -187,21 +69,26 @@ class GRPOTrainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
         torch.manual_seed(cfg.train.seed)
-        self._check_same_config()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        dist = Collectives(self.rank, self.world, self.device)  # until the Engine exists
+        check_same_config(cfg, dist)
         self.kernel_backend = resolve_backend(cfg.train.kernels, self.device)  # re-scoring path
         self.show = cfg.logging.progress and self.rank == 0
-        self.run_dir = resolve_run_dir(cfg, self.rank, self._broadcast)
+        self.run_dir = resolve_run_dir(cfg, self.rank, dist.broadcast_object)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
-        self._check_reward_services()  # before any model loads
-        model_path = self._model_path()
+        check_reward_services_on_every_rank(cfg, dist)  # before any model loads
+        # tiny:* models are built by rank 0 in the run directory; the others wait for it
+        model_path = resolve_model_path(
+            cfg.model.path, self.run_dir, seed=cfg.train.seed, build=dist.is_rank0
+        )
+        dist.barrier()
         self.adapter = load_adapter(
             cfg.model.family,
             model_path,
             device=self.device,
-            dtype=DTYPES[cfg.model.dtype],
+            dtype=torch_dtype(cfg.model.dtype),
             resolution=cfg.model.resolution or None,
             guidance_scale=cfg.sampling.guidance_scale,
             **cfg.model.options,
@@ -217,6 +104,49 @@ class GRPOTrainer:
             seed=cfg.train.seed,
             metadata=metas,
         )
+        self._prepare_frozen_parts(prompts)
+        self.plan = build_plan(cfg)
+        self.num_trained, self.images_per_sample = self._plan_shape()
+        self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
+        self.engine = Engine(
+            cfg,
+            self.adapter.trainable_module,
+            lora_targets=self.adapter.lora_targets,
+            full_trainable=self.adapter.full_trainable,
+            grad_accum=self.sizes["gradient_accumulation_steps"],
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
+        )
+        self.adapter.set_trainable_module(self.engine.module)
+        self.ema = TrainingEMA(self.engine, cfg.train)
+        self.reward = WeightedReward(cfg.reward.weights, cfg.reward.options)
+        self.pool = ThreadPoolExecutor(max_workers=cfg.reward.num_workers)
+        self.logger = RunLogger(
+            self.run_dir,
+            rank=self.rank,
+            wandb_mode=cfg.logging.wandb,
+            tensorboard=cfg.logging.tensorboard,
+            config=cfg,
+        )
+        self.start_epoch, self.history = 0, {}
+        if cfg.checkpoint.resume:
+            ckpt = find_checkpoint(cfg.checkpoint.resume, self.run_dir)
+            self.start_epoch, self.history = resume(ckpt, self.engine, ema=self.ema.get)
+        self.signals = StopSignals(self.rank)
+        self.signals.install()
+        print0(f"run directory: {self.run_dir}", rank=self.rank)
+        print0(
+            "sizes: "
+            + ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+            + f", trainable_params={self.engine.num_trainable:,}",
+            rank=self.rank,
+        )
+
+    def _prepare_frozen_parts(self, prompts: list[str]) -> None:
+        """engine.shard_frozen: ZeRO-3 shards of the frozen modules; with it or with
+        model.drop_text_encoders, every prompt's embedding cached up front."""
+        cfg = self.cfg
         if cfg.engine.shard_frozen:
             from flowpo.trainer.engine import shard_frozen_modules
 
@@ -238,141 +168,16 @@ class GRPOTrainer:
                 f"cached {n} prompt embeddings" + ("; text encoders freed" if drop else ""),
                 rank=self.rank,
             )
-        self.plan = build_plan(cfg)
-        self.num_trained, self.images_per_sample = self._plan_shape()
-        self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
-        self.engine = Engine(
-            cfg,
-            self.adapter.trainable_module,
-            lora_targets=self.adapter.lora_targets,
-            full_trainable=self.adapter.full_trainable,
-            grad_accum=self.sizes["gradient_accumulation_steps"],
-            rank=self.rank,
-            world_size=self.world,
-        )
-        self.adapter.set_trainable_module(self.engine.module)
-        self.reward = WeightedReward(cfg.reward.weights, cfg.reward.options)
-        self.pool = ThreadPoolExecutor(max_workers=cfg.reward.num_workers)
-        self.logger = RunLogger(
-            self.run_dir,
-            rank=self.rank,
-            wandb_mode=cfg.logging.wandb,
-            tensorboard=cfg.logging.tensorboard,
-            config=cfg,
-        )
-        self.start_epoch, self.history = 0, {}
-        if cfg.checkpoint.resume:
-            self._resume(find_checkpoint(cfg.checkpoint.resume, self.run_dir))
-        self._install_signal_handlers()
-        print0(f"run directory: {self.run_dir}", rank=self.rank)
-        print0(
-            "sizes: "
-            + ", ".join(f"{k}={v}" for k, v in self.sizes.items())
-            + f", trainable_params={self.engine.num_trainable:,}",
-            rank=self.rank,
-        )
 
-    def _check_reward_services(self) -> None:
-        """Every rank scores its own images, so every rank checks the services it will call;
-        the outcome is shared so that all ranks stop together (one rank stopping alone would
-        leave the others waiting at the next barrier)."""
-        try:
-            check_reward_services(self.cfg.reward.weights, self.cfg.reward.options)
-            mine = ""
-        except RewardServiceError as e:
-            mine = str(e)
-        if self.world == 1:
-            failed = [(0, mine)] if mine else []
-        else:
-            everyone: list = [None] * self.world
-            torch.distributed.all_gather_object(everyone, mine)
-            failed = [(r, m) for r, m in enumerate(everyone) if m]
-        if failed:
-            where = "" if self.world == 1 else f" (rank(s) {', '.join(str(r) for r, _ in failed)})"
-            raise RewardServiceError(failed[0][1] + where)
-
-    def _check_same_config(self) -> None:
-        """Every rank must run the same config (each node parses its own command line)."""
-        if self.world == 1:
-            return
-        mine = json.dumps(self.cfg.to_dict(), sort_keys=True, default=str)
-        everyone: list = [None] * self.world
-        torch.distributed.all_gather_object(everyone, mine)
-        for rank, theirs in enumerate(everyone):
-            if theirs != mine:
-                a, b = json.loads(everyone[0]), json.loads(theirs)
-                diff = [
-                    f"{sec}.{k}: {a[sec][k]!r} (rank 0) vs {b[sec].get(k)!r} (rank {rank})"
-                    for sec in a
-                    for k in a[sec]
-                    if a[sec][k] != b[sec].get(k)
-                ]
-                raise RuntimeError(
-                    "ranks were started with different configs; give every node the same "
-                    "recipe and overrides. Differences: " + "; ".join(diff[:5])
-                )
-
-    # -- signals: SIGTERM/SIGINT -> checkpoint at the next safe point, then stop --------------------
-    def _install_signal_handlers(self) -> None:
-        self._stop_signal = 0
-        self._old_handlers = {}
-
-        def handler(signum, frame):
-            if self._stop_signal:  # a second signal: stop now, without a checkpoint
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            print(
-                f"[rank {self.rank}] {signal.Signals(signum).name}: checkpointing at the next "
-                "safe point (end of this rollout or update); send it again to stop at once",
-                flush=True,
-            )
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (embedded use): leave signals alone
-                pass
-
-    def _stop_requested(self) -> int:
-        """The signal any rank received (0 = none); collective, so all ranks stop together."""
-        flag = int(getattr(self, "_stop_signal", 0))
-        if self.world > 1:
-            t = torch.tensor([flag], dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag
-
-    def _stop(self, signum: int, last_done: int) -> None:
-        """Checkpoint the state after epoch `last_done` (unless it is on disk) and stop."""
-        ckpt = None
-        if last_done >= 0:
-            ckpt = self.run_dir / "checkpoints" / f"checkpoint-{last_done}"
-            if checkpoint_problem(ckpt) is not None:
-                ckpt = self.save_checkpoint(last_done)
-        raise TrainingInterrupted(signum, ckpt)
-
-    def _broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _model_path(self) -> str:
-        out = resolve_model_path(self.cfg, self.run_dir, build=self.rank == 0)
-        if self.world > 1:
-            torch.distributed.barrier()
-        return out
-
-    # -- one epoch --------------------------------------------------------------------------------
+    # -- schedule and plan ------------------------------------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:
         seed = self.cfg.train.seed
         for k in keys:  # deterministic mix of (seed, epoch, rank, ...): all ranks agree
             seed = (seed * 1_000_003 + k + 7) % (2**61 - 1)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _schedule(self) -> torch.Tensor:
-        """(T+1,) sigmas of training rollouts; sets Flow-SDE's sigma_max (used by _rescore)."""
+    def schedule(self) -> torch.Tensor:
+        """(T+1,) sigmas of training rollouts; sets Flow-SDE's sigma_max (used to re-score)."""
         probe = self.adapter.initial_noise(1, self._generator(-1))
         sigmas = rollout_sigmas(self.adapter, self.cfg, probe)
         # Flow-SDE's substitute for sigma == 1 (used again when re-scoring in update())
@@ -381,9 +186,10 @@ class GRPOTrainer:
 
     def _plan_shape(self) -> tuple[int, int]:
         """(K trained transitions, R images) per sample; the same for every epoch and batch."""
-        plan = self.plan.step_plan(self._schedule(), 0, 0)
+        plan = self.plan.step_plan(self.schedule(), 0, 0)
         return len(plan.trained), plan.images_per_sample
 
+    # -- rollout and score ------------------------------------------------------------------------
     def _score(self, images, prompts, metadata):
         """The reward on a worker thread, timed: (RewardOutput, seconds)."""
         t0 = time.perf_counter()
@@ -397,7 +203,7 @@ class GRPOTrainer:
         embeds = self.adapter.encode_prompts([it.prompt for it in items])
         bs = cfg.rollout.batch_size
         gen = self._generator(epoch, self.rank)
-        sigmas = self._schedule()
+        sigmas = self.schedule()
         self.engine.module.eval()
         parts, futures, t_sample, t_decode, firsts = [], [], 0.0, 0.0, []
         batches = progress(
@@ -446,6 +252,7 @@ class GRPOTrainer:
             },
         )
 
+    # -- advantages -------------------------------------------------------------------------------
     def advantages(self, data: EpochData) -> tuple[torch.Tensor, dict[str, float]]:
         """Gather rewards of all ranks (groups may span ranks), normalise, keep this rank's part."""
         t = self.cfg.train
@@ -483,84 +290,13 @@ class GRPOTrainer:
             stats[f"reward/{name}_mean"] = float(values.nanmean())  # masked samples are NaN
         return adv[self.rank * n : (self.rank + 1) * n], stats
 
-    @contextlib.contextmanager
-    def _reference_policy(self):
-        with self.engine.reference() as ref_module:
-            policy = self.adapter.trainable_module
-            self.adapter.set_trainable_module(ref_module)
-            try:
-                yield
-            finally:
-                self.adapter.set_trainable_module(policy)
-
-    def _rescore(self, ro: Rollout, j: int, embeds) -> object:
-        s = self.cfg.sampling
-        v = self.adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
-        step = sde_step_with_logprob
-        extra = {}
-        if getattr(self, "kernel_backend", "torch") == "triton":
-            from flowpo.kernels import fused_sde_step as step  # same numbers, one fused pass
-
-            # the mean is written only for its readers: the KL term and RatioNorm
-            extra["mean_out"] = self.cfg.train.beta > 0 or self.cfg.train.ratio_norm
-        return step(
-            ro.latents[:, j],
-            v,
-            ro.sigmas[:, j],
-            ro.sigmas_next[:, j],
-            ro.noise_levels[:, j],
-            sde_type=s.sde_type,
-            prev_sample=ro.next_latents[:, j],
-            reduce=s.logprob_reduce,
-            sigma_max=self.sigma_max,
-            cps_legacy_scale=s.cps_legacy_scale,
-            **extra,
-        )
-
-    def _loss(self, sub: Rollout, j: int, emb, adv: torch.Tensor):
-        """Loss and stats of trained transition j of a micro-batch. Rows sharing an anchor
-        (branches off one latent) share one transformer forward."""
-        cfg, t = self.cfg, self.cfg.train
-        with shared_anchor_forward(self.adapter, sub.anchors[:, j]):
-            step = self._rescore(sub, j, emb)
-            if t.beta > 0:
-                with torch.no_grad(), self._reference_policy():
-                    ref = self._rescore(sub, j, emb)
-        dt = sub.sigmas_next[:, j] - sub.sigmas[:, j]
-        if t.ratio_norm:  # GRPO-Guard: ratio = exp(mean_D(eps * dmu)), old log-ratio 0
-            logp = ratio_norm_log_ratio(
-                sub.next_latents[:, j],
-                step.mean,
-                sub.means[:, j],
-                step.std,
-                reduce=cfg.sampling.logprob_reduce,
-            )
-            old = torch.zeros_like(logp)
-        else:
-            logp, old = step.log_prob, sub.log_probs[:, j]
-        weight = gradient_reweight_factor(dt).expand_as(adv) if t.gradient_reweight else None
-        loss, st = clipped_policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, weight=weight)
-        if t.beta > 0:
-            kl = kl_to_reference(
-                step.mean,
-                ref.mean,
-                step.std,
-                dt,
-                estimator=t.kl_estimator,
-                # the published estimator is defined on per-element means
-                reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
-            ).mean()
-            loss = loss + t.beta * kl
-            st["kl"] = kl.detach()
-        st["loss"] = loss.detach()
-        return loss, st
-
+    # -- update -----------------------------------------------------------------------------------
     def update(self, data: EpochData, adv: torch.Tensor, epoch: int) -> dict[str, float]:
         """Re-score every stored transition under the current policy; one backward per
         (micro-batch, trained transition), so DeepSpeed steps at each accumulation boundary."""
         t0 = time.perf_counter()
         ro = data.rollout
-        self._ema_update()  # builds the EMA from the weights before this epoch's first step
+        self.ema.after_step()  # builds the EMA from the weights before this epoch's first step
         self.engine.module.train()
         n, r = ro.log_probs.shape[0], ro.images_per_sample
         adv = adv.reshape(n, r)  # transition j of a sample is judged by its image min(j, R-1)
@@ -568,84 +304,36 @@ class GRPOTrainer:
         acc: dict[str, list[float]] = {}
         first_dev = 0.0
         steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
+        reference = functools.partial(reference_policy, self.adapter, self.engine)  # beta > 0
         for start in steps:
             idx = list(range(start, start + mb))
             sub, emb = ro.index(idx), data.embeds.index(idx)
             for j in range(ro.num_trained):
                 a = adv[idx, min(j, r - 1)].to(self.device)
-                loss, st = self._loss(sub, j, emb, a)
-                self.engine.backward(loss)
+                out = step_loss(
+                    self.adapter, sub, j, emb, a, self.cfg, sigma_max=self.sigma_max,
+                    backend=self.kernel_backend, reference=reference,
+                )  # fmt: skip
+                self.engine.backward(out.loss)
                 self.engine.step()
-                self._ema_update()
-                for k, v in st.items():
+                self.ema.after_step()
+                for k, v in out.stats.items():
                     acc.setdefault(k, []).append(float(v))
                 if start == 0:  # no optimizer step yet: the ratio must be exactly 1
-                    first_dev = max(first_dev, float(st["ratio_max_dev"]))
+                    first_dev = max(first_dev, float(out.stats["ratio_max_dev"]))
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
         out["train/first_ratio_max_dev"] = first_dev
-        out = self._reduce_metrics(out, maxed=("train/first_ratio_max_dev",))
+        out = self.engine.mean_over_ranks(out, maxed=("train/first_ratio_max_dev",))
         out["train/grad_norm"] = self.engine.grad_norm()
         out["time/train_s"] = time.perf_counter() - t0
         out.update(data.metrics)
         return out
 
-    def _reduce_metrics(self, metrics: dict[str, float], maxed=()) -> dict[str, float]:
-        """Mean over ranks (max for the keys in `maxed`), so logs describe the global batch."""
-        if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        m = torch.tensor([metrics[k] if k in maxed else 0.0 for k in keys], dtype=torch.float64)
-        m = m.to(self.device)
-        torch.distributed.all_reduce(t)
-        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
-        return {k: float(m[i] if k in maxed else t[i] / self.world) for i, k in enumerate(keys)}
-
-    # -- EMA (train.ema) --------------------------------------------------------------------------
-    @property
-    def ema(self) -> EMA | None:
-        """EMA of the trainable weights when train.ema is on (built on first use), else None."""
-        t = self.cfg.train
-        if not t.ema:
-            return None
-        if getattr(self, "_ema", None) is None:
-            self._ema = EMA(
-                self.engine.module,
-                decay=t.ema_decay,
-                update_interval=t.ema_update_interval,
-                warmup=t.ema_warmup,
-            )
-            self._ema_seen = self.engine.optimizer_steps
-        return self._ema
-
-    def ema_scope(self):
-        """Context manager: the EMA weights inside the block (evaluation, export); a no-op
-        without train.ema. Usage: `with self.ema_scope(): res = run_eval(...)`."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
-    def _ema_update(self) -> None:
-        """Fold the weights into the EMA after each optimizer step (DeepSpeed steps only at the
-        accumulation boundary, so the step counter, not the call, decides)."""
-        if self.ema is None:
-            return
-        steps = self.engine.optimizer_steps
-        if steps != self._ema_seen:
-            self._ema_seen = steps
-            self.ema.update(steps)
-
-    def _save_ema(self, ckpt_dir: Path) -> None:
-        if self.ema is not None:
-            self.ema.save_checkpoint(ckpt_dir, self.rank, self.engine.trainable_state_dict)
-
-    def _load_ema(self, ckpt_dir: Path) -> None:
-        if self.ema is not None and self.ema.load_checkpoint(ckpt_dir, self.rank):
-            self._ema_seen = self.engine.optimizer_steps
-
-    # -- evaluation, checkpoints -------------------------------------------------------------------
+    # -- evaluate, checkpoint, stop ---------------------------------------------------------------
     def evaluate(self, tag: str, epoch: int) -> EvalResult:
         """ODE samples for the fixed (prompt, seed) pairs: reward, per-tag accuracy, grid PNG."""
         self.engine.module.eval()
-        with self.ema_scope():  # EMA weights (when train.ema) for evaluation
+        with self.ema.scope():  # EMA weights (when train.ema) for evaluation
             res = run_eval(self.adapter, self.reward, self.cfg, show_progress=self.show)
         if self.rank == 0:
             path = save_eval_grid(res, self.run_dir / f"samples_{tag}.png")
@@ -664,103 +352,47 @@ class GRPOTrainer:
         )
         return res
 
-    def save_checkpoint(self, epoch: int) -> Path:
-        root = self.run_dir / "checkpoints"
-        final = root / f"checkpoint-{epoch}"
-        tmp = root / f".tmp-checkpoint-{epoch}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if self.world > 1:
-            torch.distributed.barrier()
-        self.engine.save(tmp, client_state={"epoch": epoch})
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
-        self._save_ema(tmp)
-        trainable = self.engine.trainable_state_dict()
-        if self.rank == 0:
-            from safetensors.torch import save_file
+    def save_checkpoint(self, epoch: int):
+        """checkpoint-{epoch} of this run (collective); see `trainer.checkpoint`."""
+        return save_checkpoint(
+            self.run_dir,
+            epoch,
+            engine=self.engine,
+            cfg=self.cfg,
+            history=self.history,
+            ema=self.ema.get(),
+        )
 
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            state = {
-                "epoch": epoch,
-                "lora": self.cfg.train.lora,
-                # full fine-tuning of a subset (Bagel's moe_gen): the file holds only that subset
-                "partial": not self.cfg.train.lora
-                and any(not p.requires_grad for p in self.engine.module.module.parameters()),
-                "history": self.history,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            self.cfg.save(tmp / "config.yaml")
-        if self.world > 1:
-            torch.distributed.barrier()
-        if self.rank == 0:
-            write_manifest(tmp)  # last file in: a checkpoint without it is incomplete
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer = root / ".latest.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, root / "latest")  # updated last: a partial save is never latest
-            self._prune(root)
-        if self.world > 1:
-            torch.distributed.barrier()
-        return final
+    def _stop_requested(self) -> int:
+        """The signal any rank received (0 = none); collective, so all ranks stop together."""
+        return self.engine.max_over_ranks(self.signals.received)
 
-    def _prune(self, root: Path) -> None:
-        keep = self.cfg.checkpoint.keep_last_n
-        ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _resume(self, ckpt: Path) -> None:
-        client = self.engine.load(ckpt)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        rng_file = ckpt / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        self.start_epoch = int(client.get("epoch", state["epoch"])) + 1
-        self.history = state.get("history", {})
-        self._load_ema(ckpt)
-        print0(f"resumed from {ckpt} at epoch {self.start_epoch}", rank=self.rank)
+    def _stop(self, signum: int, last_done: int) -> None:
+        """Checkpoint the state after epoch `last_done` (unless it is on disk) and stop."""
+        ckpt = None
+        if last_done >= 0:
+            ckpt = checkpoint_dir(self.run_dir, last_done)
+            if checkpoint_problem(ckpt) is not None:
+                ckpt = self.save_checkpoint(last_done)
+        raise TrainingInterrupted(signum, ckpt)
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.time()
         if "eval_start" not in self.history:
-            self.history["eval_start"] = asdict_eval(self.evaluate("start", self.start_epoch))
+            self.history["eval_start"] = eval_numbers(self.evaluate("start", self.start_epoch))
         last = None
         for epoch in range(self.start_epoch, cfg.train.epochs):
             te = time.time()
-            data = self.rollout(epoch)
+            data = self.rollout(epoch)  # sampled and scored
             if sig := self._stop_requested():  # weights are still those after epoch - 1
                 self._stop(sig, epoch - 1)
             adv, stats = self.advantages(data)
             metrics = self.update(data, adv, epoch)
             metrics.update(stats)
             metrics["time/epoch_s"] = time.time() - te
-            self.history["epoch"] = epoch
-            self.history.setdefault("train_reward", []).append(
-                [stats["reward_mean"], stats["reward_std"]]
-            )
-            self.logger.log(metrics, step=epoch)
-            print0(
-                f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
-                f" | loss {metrics['train/loss']:+.2e} | clipfrac "
-                f"{metrics['train/clipfrac_high'] + metrics['train/clipfrac_low']:.3f}"
-                f" | {metrics['time/epoch_s']:.1f}s",
-                rank=self.rank,
-            )
+            self._log_epoch(epoch, metrics, stats)
             last = epoch
             done = epoch + 1 == cfg.train.epochs
             if cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and not done:
@@ -773,67 +405,35 @@ class GRPOTrainer:
         if last is not None:
             self.save_checkpoint(last)
         end = self.evaluate("end", cfg.train.epochs - 1)
-        self.history["eval_end"] = asdict_eval(end)
-        return self._finish(time.time() - t0, end)
-
-    def _finish(self, seconds: float, end: EvalResult) -> dict:
-        h = self.history
-        start = h["eval_start"]
-        summary = {"eval_start": start, "eval_end": h["eval_end"], "seconds": seconds}
-        if h.get("train_reward"):
-            summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
-            summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
-        if self.rank != 0:
-            return summary
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            plot_curves(
-                metrics,
-                self.run_dir / "reward_curve.png",
-                [("reward_mean", "reward_std"), ("eval/reward_mean", None)],
-                title=f"reward ({', '.join(self.cfg.reward.weights)})",
-            )
-            if end.accuracy:
-                plot_curves(
-                    metrics,
-                    self.run_dir / "accuracy_curve.png",
-                    [(f"eval/acc/{k}", None) for k in end.accuracy],
-                    title="held-out strict accuracy (ODE, fixed seeds)",
-                )
-        print0("\n== summary ==", rank=0)
-        print0(
-            f"eval reward (ODE, fixed seeds): start {start['reward_mean']:.4f} ± "
-            f"{start['reward_std']:.4f} -> end {end.reward_mean:.4f} ± {end.reward_std:.4f}",
-            rank=0,
+        self.history["eval_end"] = eval_numbers(end)
+        return finish_run(
+            self.run_dir,
+            self.history,
+            end,
+            time.time() - t0,
+            reward_names=list(self.cfg.reward.weights),
+            rank=self.rank,
         )
-        if "train_reward_first" in summary:
-            print0(
-                f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
-                f"{summary['train_reward_first_std']:.4f} -> last epoch "
-                f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
-                rank=0,
-            )
-        if end.accuracy:
-            before = EvalResult(
-                start["reward_mean"],
-                start["reward_std"],
-                start["num_samples"],
-                start["accuracy"],
-                start["counts"],
-            )
-            print0(f"strict accuracy per tag ({end.num_samples} samples):", rank=0)
-            print0(accuracy_table(before, end), rank=0)
-        print0(f"wall time {seconds:.0f}s; run directory: {self.run_dir}", rank=0)
-        return summary
+
+    def _log_epoch(self, epoch: int, metrics: dict, stats: dict) -> None:
+        self.history["epoch"] = epoch
+        self.history.setdefault("train_reward", []).append(
+            [stats["reward_mean"], stats["reward_std"]]
+        )
+        self.logger.log(metrics, step=epoch)
+        print0(
+            f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
+            f" | loss {metrics['train/loss']:+.2e} | clipfrac "
+            f"{metrics['train/clipfrac_high'] + metrics['train/clipfrac_low']:.3f}"
+            f" | {metrics['time/epoch_s']:.1f}s",
+            rank=self.rank,
+        )
 
     def close(self, clean: bool = True) -> None:
         """Release workers, sinks and the process group (no barrier after a failure: the other
         ranks may never reach it)."""
-        from flowpo.trainer.engine import close_distributed
-
-        for sig, old in getattr(self, "_old_handlers", {}).items():
-            signal.signal(sig, old)
+        if getattr(self, "signals", None) is not None:
+            self.signals.restore()
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown(wait=True)
         if getattr(self, "logger", None) is not None:

@@ -1,5 +1,7 @@
-"""Run logging: stdout (rank 0), metrics JSONL, wandb (offline unless a key is configured),
-tensorboard (option), image grids and curve plots as PNG."""
+"""Run tracking: the run directory, stdout (rank 0), metrics JSONL, wandb (offline unless a key
+is configured), tensorboard (option), image grids and curve plots as PNG.
+
+(Named `tracking`, not `logging`, so that it never shadows the standard library's module.)"""
 
 from __future__ import annotations
 
@@ -7,10 +9,22 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def resolve_run_dir(cfg, rank: int, broadcast: Callable[[Any], Any]) -> Path:
+    """logging.run_dir / logging.run_name; without a name, RECIPE-TIMESTAMP with rank 0's clock
+    (`broadcast` hands rank 0's value to every rank)."""
+    name = cfg.logging.run_name
+    if not name:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S") if rank == 0 else None
+        name = f"{cfg.recipe}-{broadcast(stamp)}"
+    return Path(cfg.logging.run_dir) / name
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,83 @@
+"""The end of a run: summary.json, the reward and accuracy curves, and the printed summary
+(evaluation before -> after, first -> last training reward, per-tag accuracy table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flowpo.trainer.evaluation import EvalResult, accuracy_table
+from flowpo.trainer.tracking import plot_curves, print0
+
+
+def eval_numbers(res: EvalResult) -> dict:
+    """The JSON-able numbers of an evaluation (kept in the trainer state for resume)."""
+    return {
+        "reward_mean": res.reward_mean,
+        "reward_std": res.reward_std,
+        "num_samples": res.num_samples,
+        "accuracy": res.accuracy,
+        "counts": res.counts,
+    }
+
+
+def finish_run(
+    run_dir: Path,
+    history: dict,
+    end: EvalResult,
+    seconds: float,
+    *,
+    reward_names: list[str],
+    rank: int,
+) -> dict:
+    """The run's summary from its history (eval_start, eval_end, train_reward per epoch); rank 0
+    also writes summary.json and the curves under run_dir and prints it."""
+    h = history
+    start = h["eval_start"]
+    summary = {"eval_start": start, "eval_end": h["eval_end"], "seconds": seconds}
+    if h.get("train_reward"):
+        summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
+        summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
+    if rank != 0:
+        return summary
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        plot_curves(
+            metrics,
+            run_dir / "reward_curve.png",
+            [("reward_mean", "reward_std"), ("eval/reward_mean", None)],
+            title=f"reward ({', '.join(reward_names)})",
+        )
+        if end.accuracy:
+            plot_curves(
+                metrics,
+                run_dir / "accuracy_curve.png",
+                [(f"eval/acc/{k}", None) for k in end.accuracy],
+                title="held-out strict accuracy (ODE, fixed seeds)",
+            )
+    print0("\n== summary ==", rank=0)
+    print0(
+        f"eval reward (ODE, fixed seeds): start {start['reward_mean']:.4f} ± "
+        f"{start['reward_std']:.4f} -> end {end.reward_mean:.4f} ± {end.reward_std:.4f}",
+        rank=0,
+    )
+    if "train_reward_first" in summary:
+        print0(
+            f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
+            f"{summary['train_reward_first_std']:.4f} -> last epoch "
+            f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
+            rank=0,
+        )
+    if end.accuracy:
+        before = EvalResult(
+            start["reward_mean"],
+            start["reward_std"],
+            start["num_samples"],
+            start["accuracy"],
+            start["counts"],
+        )
+        print0(f"strict accuracy per tag ({end.num_samples} samples):", rank=0)
+        print0(accuracy_table(before, end), rank=0)
+    print0(f"wall time {seconds:.0f}s; run directory: {run_dir}", rank=0)
+    return summary

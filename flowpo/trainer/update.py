@@ -1,0 +1,151 @@
+"""The policy update of one stored transition: re-score it under the current policy, then the
+clipped objective (ALGORITHMS.md §4) with GRPO-Guard's RatioNorm and gradient reweighting (§5)
+and the KL to the reference policy. The trainer calls `step_loss` once per (micro-batch, trained
+transition) and backpropagates its loss; the invariant tests call the same functions, so they
+check the path that trains, kernel dispatch included.
+
+Shapes: B samples of the micro-batch, K trained transitions (j indexes them), D latent elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowpo.config import Config
+from flowpo.trainer.losses import (
+    clipped_policy_loss,
+    gradient_reweight_factor,
+    kl_to_reference,
+    ratio_norm_log_ratio,
+)
+from flowpo.trainer.rollout import Rollout, shared_anchor_forward
+from flowpo.trainer.sde import SDEStep, sde_step_with_logprob
+
+
+def rescore(
+    adapter,
+    ro: Rollout,
+    j: int,
+    embeds,
+    cfg: Config,
+    *,
+    sigma_max: float,
+    backend: str | None = None,
+) -> SDEStep:
+    """Re-score trained transition j of the stored rollout `ro` (B samples) under the adapter's
+    current policy: one velocity forward, then the SDE step's log-density of the stored next
+    latent (log_prob (B,), differentiable; mean, std).
+
+    sigma_max: Flow-SDE's substitute for sigma == 1, sigmas[1] of the rollout schedule.
+    backend: "torch" (trainer.sde) or "triton" (the fused kernel, same numbers, one pass); None
+        resolves train.kernels for the latents' device, as the trainer does at setup.
+    """
+    s = cfg.sampling
+    if backend is None:
+        from flowpo.kernels import resolve_backend
+
+        backend = resolve_backend(cfg.train.kernels, ro.latents.device)
+    v = adapter.velocity(ro.latents[:, j], ro.sigmas[:, j], embeds)
+    step = sde_step_with_logprob
+    extra = {}
+    if backend == "triton":
+        from flowpo.kernels import fused_sde_step as step  # same numbers, one fused pass
+
+        # the mean is written only for its readers: the KL term and RatioNorm
+        extra["mean_out"] = cfg.train.beta > 0 or cfg.train.ratio_norm
+    return step(
+        ro.latents[:, j],
+        v,
+        ro.sigmas[:, j],
+        ro.sigmas_next[:, j],
+        ro.noise_levels[:, j],
+        sde_type=s.sde_type,
+        prev_sample=ro.next_latents[:, j],
+        reduce=s.logprob_reduce,
+        sigma_max=sigma_max,
+        cps_legacy_scale=s.cps_legacy_scale,
+        **extra,
+    )
+
+
+@dataclass
+class StepLoss:
+    loss: Tensor  # scalar, differentiable: what the trainer backpropagates
+    stats: dict[str, Tensor]  # detached 0-dim: clipped_policy_loss's keys, loss, kl (beta > 0)
+    step: SDEStep  # the policy's re-scored step (log_prob differentiable)
+
+
+def step_loss(
+    adapter,
+    ro: Rollout,
+    j: int,
+    embeds,
+    adv: Tensor,
+    cfg: Config,
+    *,
+    sigma_max: float,
+    backend: str | None = None,
+    reference: Callable[[], AbstractContextManager] | None = None,
+) -> StepLoss:
+    """Loss and stats of trained transition j of a micro-batch `ro` with advantages adv (B,).
+    Rows sharing an anchor (branches off one latent) share one transformer forward.
+
+    reference: a context-manager factory under which the adapter runs the reference policy
+        (the trainer's `reference_policy`); needed when train.beta > 0 (the KL term).
+    sigma_max, backend: as for `rescore`.
+    """
+    t = cfg.train
+    if t.beta > 0 and reference is None:
+        raise ValueError("train.beta > 0: step_loss needs `reference` for the KL term")
+    with shared_anchor_forward(adapter, ro.anchors[:, j]):
+        step = rescore(adapter, ro, j, embeds, cfg, sigma_max=sigma_max, backend=backend)
+        if t.beta > 0:
+            with torch.no_grad(), reference():
+                ref = rescore(adapter, ro, j, embeds, cfg, sigma_max=sigma_max, backend=backend)
+    dt = ro.sigmas_next[:, j] - ro.sigmas[:, j]
+    if t.ratio_norm:  # GRPO-Guard: ratio = exp(mean_D(eps * dmu)), old log-ratio 0
+        logp = ratio_norm_log_ratio(
+            ro.next_latents[:, j],
+            step.mean,
+            ro.means[:, j],
+            step.std,
+            reduce=cfg.sampling.logprob_reduce,
+        )
+        old = torch.zeros_like(logp)
+    else:
+        logp, old = step.log_prob, ro.log_probs[:, j]
+    weight = gradient_reweight_factor(dt).expand_as(adv) if t.gradient_reweight else None
+    loss, st = clipped_policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, weight=weight)
+    if t.beta > 0:
+        kl = kl_to_reference(
+            step.mean,
+            ref.mean,
+            step.std,
+            dt,
+            estimator=t.kl_estimator,
+            # the published estimator is defined on per-element means
+            reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
+        ).mean()
+        loss = loss + t.beta * kl
+        st["kl"] = kl.detach()
+    st["loss"] = loss.detach()
+    return StepLoss(loss=loss, stats=st, step=step)
+
+
+@contextlib.contextmanager
+def reference_policy(adapter, engine):
+    """The adapter runs the engine's frozen reference policy inside the block (LoRA adapters
+    disabled, or the frozen copy of full fine-tuning); the policy is restored on exit."""
+    with engine.reference() as ref_module:
+        policy = adapter.trainable_module
+        adapter.set_trainable_module(ref_module)
+        try:
+            yield
+        finally:
+            adapter.set_trainable_module(policy)
