@@ -223,6 +223,16 @@ def test_imagereward_is_clearly_unsupported():
         load_config(None, ["--reward.weights=imagereward:1"]).validate()
 
 
+def test_every_builtin_reward_name_resolves_to_its_factory():
+    """The registry lists the built-ins as "module:function" strings (listing them imports
+    nothing); each must resolve to a callable factory."""
+    from flowpo.rewards.registry import REWARD_REGISTRY, known_rewards, reward_factory
+
+    assert {"geneval", "ocr", "pickscore", "shapes", "unifiedreward"} <= set(known_rewards())
+    for name in known_rewards():
+        assert callable(reward_factory(name)) and not isinstance(REWARD_REGISTRY[name], str)
+
+
 # -- options, failure policy, group normalisation --------------------------------------------
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 
 class AestheticHead(nn.Module):
@@ -65,7 +65,6 @@ def find_head(model_dir: str, head: str) -> Path:
     )
 
 
-@register_reward("aesthetic")
 def aesthetic(model_dir: str, head: str = "", device: str = "", dtype: str = "float32"):
     from flowpo.rewards.clip_rewards import load_clip
 

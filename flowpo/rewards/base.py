@@ -1,87 +1,53 @@
-"""Reward contract, registry and weighted combination.
+"""The rewards of a run: options, scorers (in process or a service's client) and their weighted
+combination.
 
-A reward is a callable `(images, prompts, metadata) -> RewardOutput`: images are float tensors
-in [0, 1], shape (B, 3, H, W); scores are a float32 tensor (B,). In-process rewards and HTTP
-clients satisfy the same contract. A reward that cannot score must raise: a failed score never
-silently becomes a number.
+The reward contract (`RewardOutput`, `RewardError`, `to_uint8_hwc`) lives in
+`flowpo.rewards.contract` and the registry of reward names in `flowpo.rewards.registry`; both
+are re-exported here, so `from flowpo.rewards.base import ...` names the whole reward API.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from flowpo.rewards.contract import RewardError, RewardFn, RewardOutput, to_uint8_hwc
+from flowpo.rewards.registry import (
+    POLICY_KEYS,
+    REMOTE_KEYS,
+    REWARD_REGISTRY,
+    build_reward,
+    check_factory_kwargs,
+    known_rewards,
+    register_reward,
+)
+
+__all__ = [
+    "FAILURE_POLICIES",
+    "POLICY_KEYS",
+    "REMOTE_KEYS",
+    "REWARD_REGISTRY",
+    "RewardError",
+    "RewardFn",
+    "RewardOutput",
+    "WeightedReward",
+    "build_reward",
+    "build_scorer",
+    "check_factory_kwargs",
+    "check_reward_options",
+    "check_reward_services",
+    "group_normalized_total",
+    "known_rewards",
+    "register_reward",
+    "split_options",
+    "to_uint8_hwc",
+]
+
 log = logging.getLogger(__name__)
 
 FAILURE_POLICIES = ("raise", "mask")
-# reward.options.<name> keys read by WeightedReward / the service client, not by the factory
-POLICY_KEYS = ("failure",)
-REMOTE_KEYS = (
-    "url",
-    "token",
-    "token_env",
-    "timeout_s",
-    "deadline_s",
-    "batch_size",
-    "max_concurrency",
-    "backoff_s",
-)
-
-
-class RewardError(RuntimeError):
-    """A reward could not score a batch (after its retries); the message names the reward."""
-
-
-@dataclass
-class RewardOutput:
-    scores: torch.Tensor  # (B,) float32
-    details: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,)
-
-
-RewardFn = Callable[[torch.Tensor, list[str], list[dict[str, Any]]], RewardOutput]
-REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-
-
-def register_reward(name: str):
-    """Register a reward factory: `factory(**kwargs) -> RewardFn`."""
-
-    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        REWARD_REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def build_reward(name: str, **kwargs: Any) -> RewardFn:
-    _import_builtin_rewards()
-    if name not in REWARD_REGISTRY:
-        known = ", ".join(sorted(REWARD_REGISTRY))
-        raise ValueError(f"reward.weights: unknown reward '{name}'; choose one of: {known}")
-    return REWARD_REGISTRY[name](**kwargs)
-
-
-def known_rewards() -> list[str]:
-    _import_builtin_rewards()
-    return sorted(REWARD_REGISTRY)
-
-
-def _import_builtin_rewards() -> None:
-    # register on import; these modules import their heavy libraries only when built
-    from flowpo.rewards import (  # noqa: F401
-        aesthetic,
-        clip_rewards,
-        geneval,
-        imagereward,
-        jpeg,
-        ocr,
-        shapes,
-        unifiedreward,
-    )
 
 
 def split_options(name: str, opts: dict[str, Any] | None) -> tuple[str, dict, dict]:
@@ -94,7 +60,6 @@ def split_options(name: str, opts: dict[str, Any] | None) -> tuple[str, dict, di
 
 def check_reward_options(weights: dict[str, float], options: dict[str, dict[str, Any]]) -> None:
     """Raise ValueError naming `reward.options.<name>.<key>` and the fix for any bad option."""
-    _import_builtin_rewards()
     for name in options:
         if name not in weights:
             raise ValueError(
@@ -127,36 +92,6 @@ def check_reward_options(weights: dict[str, float], options: dict[str, dict[str,
         check_factory_kwargs(name, kwargs, where)
 
 
-def check_factory_kwargs(name: str, kwargs: dict[str, Any], where: str) -> None:
-    """Unknown or missing scorer options -> ValueError listing what the factory accepts."""
-    if name not in REWARD_REGISTRY:
-        raise ValueError(f"{where}: unknown reward '{name}'; choose one of: {known_rewards()}")
-    unsupported = getattr(REWARD_REGISTRY[name], "unsupported", "")
-    if unsupported:
-        raise ValueError(unsupported)
-    params = inspect.signature(REWARD_REGISTRY[name]).parameters
-    accepted = [p for p in params if params[p].kind is not inspect.Parameter.VAR_KEYWORD]
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        for key in kwargs:
-            if key not in accepted:
-                raise ValueError(
-                    f"{where}.{key}: reward '{name}' has no option '{key}'; it accepts "
-                    f"{accepted + list(POLICY_KEYS) + list(REMOTE_KEYS)}"
-                )
-    missing = [
-        p.name
-        for p in params.values()
-        if p.default is inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.name not in kwargs
-    ]
-    if missing:
-        raise ValueError(
-            f"{where}: reward '{name}' needs {missing}; set e.g. {where}.{missing[0]}=... "
-            f"(or serve it and set {where}.url)"
-        )
-
-
 def build_scorer(name: str, opts: dict[str, Any] | None = None) -> tuple[RewardFn, str]:
     """(scorer, failure policy) for reward `name`: the service client when options name a
     `url`, else the in-process reward built with the remaining options."""
@@ -168,7 +103,6 @@ def build_scorer(name: str, opts: dict[str, Any] | None = None) -> tuple[RewardF
         from flowpo.rewards.client import RemoteReward
 
         return RemoteReward(name=name, **remote), failure
-    _import_builtin_rewards()
     if name in REWARD_REGISTRY:
         check_factory_kwargs(name, kwargs, where)
     return build_reward(name, **kwargs), failure
@@ -280,9 +214,3 @@ def group_normalized_total(
         z = (r - mean[idx]) / (std[idx] + eps)  # NaN stays NaN
         total += w * z
     return total.float()
-
-
-def to_uint8_hwc(images: torch.Tensor) -> list:
-    """(B, 3, H, W) float [0, 1] -> list of (H, W, 3) uint8 numpy arrays."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [a.permute(1, 2, 0).cpu().numpy() for a in arr]

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flowpo.rewards.base import RewardError, RewardOutput, to_uint8_hwc
+from flowpo.rewards.contract import RewardError, RewardOutput, to_uint8_hwc
+from flowpo.rewards.registry import known_rewards
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _POSITIVE = ("timeout_s", "deadline_s", "batch_size", "max_concurrency", "backoff_s")
@@ -265,8 +266,6 @@ class RemoteReward:
                 log.warning("reward '%s': waiting for the service at %s", self.name, self.url)
                 shown = True
             time.sleep(1.0)
-        from flowpo.rewards.base import known_rewards
-
         # a service of another registered reward is a wrong url; a custom service may report
         # any name (or none) and is trusted
         served = info.get("reward") if isinstance(info, dict) else None

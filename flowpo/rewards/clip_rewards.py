@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +63,6 @@ def clip_cosine(model, processor, images: torch.Tensor, prompts: list[str]) -> t
     return (img_emb * txt_emb).sum(-1).cpu(), img_emb
 
 
-@register_reward("pickscore")
 def pickscore(
     model_dir: str,
     processor_dir: str = "",
@@ -83,7 +82,6 @@ def pickscore(
     return fn
 
 
-@register_reward("clipscore")
 def clipscore(model_dir: str, w: float = 2.5, device: str = "", dtype: str = "float32"):
     model, processor = load_clip(model_dir, "", device, dtype)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 from flowpo.rewards.geneval_rules import Detection, score
 
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 16  # GenEval's values
@@ -85,7 +85,6 @@ def check_metadata(meta: dict[str, Any], prompt: str, classes: set[str]) -> None
             raise ValueError(f"reward 'geneval': colour '{req['color']}' is not one of {COLORS}")
 
 
-@register_reward("geneval")
 def geneval(
     model_dir: str,
     clip_dir: str,

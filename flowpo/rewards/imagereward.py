@@ -11,8 +11,6 @@ this reward raises an error that says what to use instead.
 
 from __future__ import annotations
 
-from flowpo.rewards.base import register_reward
-
 NOT_SUPPORTED = (
     "reward 'imagereward' is not supported: the ImageReward loader (package image-reward 1.5) "
     "fetches its BERT tokenizer from the hub at load time, unpickles its checkpoint, and pins "
@@ -22,7 +20,6 @@ NOT_SUPPORTED = (
 )
 
 
-@register_reward("imagereward")
 def imagereward(model_dir: str = "", **_: object):
     raise ValueError(NOT_SUPPORTED)
 

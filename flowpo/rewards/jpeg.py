@@ -8,7 +8,7 @@ import io
 import torch
 from PIL import Image
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -20,7 +20,6 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-@register_reward("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95):
     def fn(images, prompts, metadata) -> RewardOutput:
         return RewardOutput(scores=jpeg_size_kb(images, quality))
@@ -28,7 +27,6 @@ def jpeg_incompressibility(quality: int = 95):
     return fn
 
 
-@register_reward("jpeg_compressibility")
 def jpeg_compressibility(quality: int = 95):
     def fn(images, prompts, metadata) -> RewardOutput:
         return RewardOutput(scores=-jpeg_size_kb(images, quality))

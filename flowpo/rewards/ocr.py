@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 _QUOTED = re.compile(r'"([^"]*)"')
 
@@ -105,7 +105,6 @@ def _paddleocr(model_dir: str):
 BACKENDS = {"rapidocr": _rapidocr, "paddleocr": _paddleocr}
 
 
-@register_reward("ocr")
 def ocr(backend: str = "rapidocr", model_dir: str = ""):
     if backend not in BACKENDS:
         raise ValueError(f"ocr backend '{backend}': choose one of {sorted(BACKENDS)}")

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowpo.rewards.base import RewardFn, RewardOutput
+from flowpo.rewards.contract import RewardFn, RewardOutput
 
 log = logging.getLogger("flowpo.reward_server")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -252,15 +252,15 @@ def build_replicas(
     reward takes a `device`), else all on CPU."""
     import inspect
 
-    from flowpo.rewards.base import REWARD_REGISTRY, _import_builtin_rewards, check_factory_kwargs
+    from flowpo.rewards.registry import REWARD_REGISTRY, check_factory_kwargs, reward_factory
 
-    _import_builtin_rewards()
     if reward not in REWARD_REGISTRY:
         raise ValueError(
             f"--reward '{reward}' is unknown; choose one of: {sorted(REWARD_REGISTRY)}"
         )
     kwargs = dict(options or {})
-    params = inspect.signature(REWARD_REGISTRY[reward]).parameters
+    factory = reward_factory(reward)
+    params = inspect.signature(factory).parameters
     if model_dir:
         if "model_dir" not in params:
             raise ValueError(f"reward '{reward}' takes no --model-dir")
@@ -274,7 +274,7 @@ def build_replicas(
         kw = dict(kwargs)
         if "device" in params and gpus:
             kw.setdefault("device", f"cuda:{i}")
-        out.append(REWARD_REGISTRY[reward](**kw))
+        out.append(factory(**kw))
     return out
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from flowpo.rewards.base import RewardOutput, register_reward, to_uint8_hwc
+from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 
-@register_reward("shapes")
 def shapes_reward(
     position_failure_point: bool = False, quality_weight: float = 0.0, exact_counts: bool = False
 ):

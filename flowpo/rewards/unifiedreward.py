@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from flowpo.rewards.base import RewardOutput, register_reward
 from flowpo.rewards.client import JsonHttp, RewardServiceError, encode_png
+from flowpo.rewards.contract import RewardOutput
 
 # Our wording of a pointwise judging instruction in UnifiedReward's answer format.
 JUDGE_PROMPT = (
@@ -45,7 +45,6 @@ def parse_final_score(text: str, max_score: float = 5.0) -> float:
     return value / max_score if 0 <= value <= max_score else math.nan
 
 
-@register_reward("unifiedreward")
 def unifiedreward(
     api_url: str = "",
     model: str = "UnifiedReward",
