@@ -434,16 +434,19 @@ def test_kernels_import_without_triton_and_say_how_to_run_on_cpu():
 
 
 def test_lora_gradient_through_the_kernel_matches_torch(tiny_dirs):
-    """Tiny SD3 + LoRA: the gradient of the clipped loss + KL of every trained step of a stored
-    rollout, re-scored through the fused step, equals re-scoring through flowpo.sde."""
+    """Tiny SD3 + LoRA: the gradient of the trainer's per-transition loss (clipped objective +
+    KL, `trainer.update.step_loss`) over every trained step of a stored rollout, with
+    train.kernels=triton (the fused step) equals train.kernels=torch (flowpo.sde)."""
+    import contextlib
+
     from peft import LoraConfig
 
     from flowpo.config import load_config
     from flowpo.models.base import load_adapter
-    from flowpo.trainer.losses import clipped_policy_loss, kl_to_reference
     from flowpo.trainer.rollout import build_plan, sample_rollout
+    from flowpo.trainer.update import step_loss
 
-    cfg = load_config(None, ["--sampling.num_steps=4"])
+    cfg = load_config(None, ["--sampling.num_steps=4", "--train.beta=0.04"])
     adapter = load_adapter("sd3", tiny_dirs["sd3"], guidance_scale=1.0)
     adapter.freeze_frozen_parts()
     module = adapter.trainable_module.requires_grad_(False)
@@ -464,29 +467,28 @@ def test_lora_gradient_through_the_kernel_matches_torch(tiny_dirs):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def lora_grad(step_fn):
+    @contextlib.contextmanager
+    def base_policy():  # LoRA's reference policy, as the Engine gives it: adapters off
+        module.disable_adapters()
+        try:
+            yield
+        finally:
+            module.enable_adapters()
+
+    def lora_grad(kernels):
+        backend = resolve_backend(kernels, "cpu")
+        assert backend == kernels
         for p in params:
             p.grad = None
         for j in range(ro.log_probs.shape[1]):
-            x, s, sn, a = (
-                ro.latents[:, j],
-                ro.sigmas[:, j],
-                ro.sigmas_next[:, j],
-                ro.noise_levels[:, j],
-            )
-            kw = dict(prev_sample=ro.next_latents[:, j], sigma_max=float(sigmas[1]))
-            step = step_fn(x, adapter.velocity(x, s, embeds), s, sn, a, **kw)
-            with torch.no_grad():
-                module.disable_adapters()
-                ref_step = sde_step_with_logprob(x, adapter.velocity(x, s, embeds), s, sn, a, **kw)
-                module.enable_adapters()
-            loss, st = clipped_policy_loss(step.log_prob, ro.log_probs[:, j], adv, 1e-4, 1e-4)
-            assert st["ratio_max_dev"] <= 1e-6  # invariant 4 through the kernel
-            kl = kl_to_reference(step.mean, ref_step.mean, step.std, sn - s).mean()
-            (loss + 0.04 * kl).backward()
+            out = step_loss(adapter, ro, j, embeds, adv, cfg, sigma_max=float(sigmas[1]),
+                            backend=backend, reference=base_policy)  # fmt: skip
+            assert out.stats["ratio_max_dev"] <= 1e-6  # invariant 4 through the kernel
+            assert out.stats["kl"] > 0
+            out.loss.backward()
         return torch.cat([p.grad.flatten() for p in params])
 
-    want, got = lora_grad(sde_step_with_logprob), lora_grad(fused_sde_step)
+    want, got = lora_grad("torch"), lora_grad("triton")
     assert want.abs().max() > 0
     assert float((got - want).norm() / want.norm()) <= 1e-5
     assert_close(got, want, 1e-5, 1e-4, "LoRA gradient", True)
