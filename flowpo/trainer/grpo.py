@@ -19,6 +19,7 @@ import torch
 
 from flowpo.config import Config
 from flowpo.models.resolve import resolve_model_path, torch_dtype
+from flowpo.preflight import preflight
 from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.checkpoint import (
@@ -64,7 +65,7 @@ class GRPOTrainer:
 
         cfg = self.cfg
         self.rank, self.world, local_rank = init_distributed()
-        cfg.validate(self.world)
+        preflight(cfg, self.world)
         # the same seed on every rank: LoRA's Gaussian init and any other global-RNG draw agree
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
@@ -310,17 +311,17 @@ class GRPOTrainer:
             sub, emb = ro.index(idx), data.embeds.index(idx)
             for j in range(ro.num_trained):
                 a = adv[idx, min(j, r - 1)].to(self.device)
-                out = step_loss(
+                term = step_loss(
                     self.adapter, sub, j, emb, a, self.cfg, sigma_max=self.sigma_max,
                     backend=self.kernel_backend, reference=reference,
                 )  # fmt: skip
-                self.engine.backward(out.loss)
+                self.engine.backward(term.loss)
                 self.engine.step()
                 self.ema.after_step()
-                for k, v in out.stats.items():
+                for k, v in term.stats.items():
                     acc.setdefault(k, []).append(float(v))
                 if start == 0:  # no optimizer step yet: the ratio must be exactly 1
-                    first_dev = max(first_dev, float(out.stats["ratio_max_dev"]))
+                    first_dev = max(first_dev, float(term.stats["ratio_max_dev"]))
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
         out["train/first_ratio_max_dev"] = first_dev
         out = self.engine.mean_over_ranks(out, maxed=("train/first_ratio_max_dev",))
