@@ -2,7 +2,8 @@
 
 A recipe is a YAML file with one mapping per section (`model:`, `sampling:`, ...). Values are
 checked against the dataclass field types when loaded; unknown keys and wrong types raise a
-`ConfigError` naming the key and the fix. Cross-field rules live in `Config.validate()`.
+`ConfigError` naming the key and the fix. Cross-field rules live in `Config.validate()`; the
+checks against files and registries in `flowpo.preflight`. This module imports nothing from flowpo.
 """
 
 from __future__ import annotations
@@ -323,7 +324,9 @@ class Config:
 
     def validate(self, world_size: int = 1, training: bool = True) -> None:
         """Cross-field rules; each error names the field and the fix. `training=False` (flowpo
-        eval) skips the rules that only the training engine needs."""
+        eval) skips the rules that only the training engine needs. The checks against things
+        outside the config (files, registries) are `flowpo.preflight.preflight`, which runs
+        this first."""
         for (section, name), choices in _CHOICES.items():
             value = getattr(getattr(self, section), name)
             if value not in choices:
@@ -402,51 +405,10 @@ class Config:
                 "engine.offload_optimizer needs ZeRO (engine.zero_stage=2 or 3); set one of them "
                 "or offload_optimizer=false"
             )
-        from flowpo.trainer.data import load_prompt_items
-
-        for key, value in (
-            ("rollout.prompt_file", r.prompt_file),
-            ("eval.prompt_file", self.eval.prompt_file),
-        ):
-            if value:  # read it now: a missing file or a bad line stops before any model loads
-                load_prompt_items(value, field=key)
-        path = self.model.path
-        if path != "shapes:base" and not path.startswith("tiny:") and not Path(path).is_dir():
-            raise ConfigError(
-                f"model.path '{path}' does not exist; point it at a local diffusers model "
-                f"directory, or use tiny:sd3 / tiny:flux (or 'flowpo make-tiny sd3 DIR')"
-            )
-        from flowpo.models.tiny import tiny_families
-
-        if path.startswith("tiny:") and path[5:] not in tiny_families():
-            raise ConfigError(
-                f"model.path '{path}': tiny models are "
-                + ", ".join(f"tiny:{f}" for f in tiny_families())
-            )
         if not self.reward.weights:
             raise ConfigError("reward.weights is empty; name at least one reward")
-        from flowpo.rewards.base import known_rewards
-        from flowpo.trainer.rollout import PLAN_REGISTRY
-
-        for name in self.reward.weights:
-            if name not in known_rewards():
-                raise ConfigError(
-                    f"reward.weights: unknown reward '{name}'; choose one of: "
-                    + ", ".join(known_rewards())
-                )
-        from flowpo.rewards.base import check_reward_options
-
-        try:
-            check_reward_options(self.reward.weights, self.reward.options)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if r.plan not in PLAN_REGISTRY:
-            raise ConfigError(
-                f"rollout.plan '{r.plan}' is unknown; choose one of: " + ", ".join(PLAN_REGISTRY)
-            )
         if t.beta < 0:
             raise ConfigError(f"train.beta ({t.beta}) must be >= 0")
-        PLAN_REGISTRY[r.plan].check_config(self)
         if t.ratio_norm and s.cps_legacy_scale:
             raise ConfigError(
                 "train.ratio_norm needs Gaussian log-probs (its closed form is their identity); "

@@ -3,10 +3,12 @@
 import pytest
 
 from flowpo.config import Config, ConfigError, load_config
+from flowpo.preflight import preflight
 
 
 def test_defaults_validate():
     Config().validate(world_size=1)
+    preflight(Config(), world_size=1)
 
 
 def test_override_types_are_coerced():
@@ -120,17 +122,17 @@ def test_float16_is_not_trained():
     cfg.validate(training=False)  # evaluation and sampling may run in float16
 
 
-def test_prompt_files_are_read_at_validation(tmp_path):
-    """bundled: sets validate (README's recipes name them); a missing file lists the choices; a
+def test_prompt_files_are_read_at_preflight(tmp_path):
+    """bundled: sets pass (README's recipes name them); a missing file lists the choices; a
     bad JSONL line is reported with its number before any model is loaded."""
-    load_config(None, ["--rollout.prompt_file=bundled:geneval_small"]).validate()
+    preflight(load_config(None, ["--rollout.prompt_file=bundled:geneval_small"]))
     cfg = load_config(None, [f"--rollout.prompt_file={tmp_path / 'nope.txt'}"])
     with pytest.raises(ConfigError, match=r"does not exist; .* shapes:train, .*bundled:ocr_small"):
-        cfg.validate()
+        preflight(cfg)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a cat"}\n{not json\n')
     cfg = load_config(None, [f"--eval.prompt_file={bad}"])
     with pytest.raises(
         ConfigError, match=r"^eval.prompt_file '.*bad.jsonl' line 2: not valid JSON"
     ):
-        cfg.validate()
+        preflight(cfg)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flowpo.config import ConfigError, load_config
+from flowpo.sde import sde_step_with_logprob
 from flowpo.trainer.ema import EMA
 from flowpo.trainer.losses import (
     clipped_policy_loss,
@@ -20,7 +21,6 @@ from flowpo.trainer.losses import (
     ratio_norm_log_ratio,
     ratio_norm_long_form,
 )
-from flowpo.trainer.sde import sde_step_with_logprob
 
 
 def _step(sde_type, reduce, sigma=0.7, sigma_next=0.6, seed=0, scale=1e-3):

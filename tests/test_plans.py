@@ -17,6 +17,8 @@ import torch
 import flowpo.trainer.rollout as rollout_mod
 from flowpo.config import ConfigError, load_config
 from flowpo.models.base import load_adapter
+from flowpo.preflight import preflight
+from flowpo.sde import sde_std, shift_sigmas
 from flowpo.trainer.plans import entropy_per_dim, select_entropy_transitions, window_start
 from flowpo.trainer.rollout import (
     build_plan,
@@ -25,7 +27,6 @@ from flowpo.trainer.rollout import (
     sample_rollout,
     shared_anchor_forward,
 )
-from flowpo.trainer.sde import sde_std, shift_sigmas
 from flowpo.trainer.update import step_loss
 from tests.conftest import ENV, ROOT, add_active_lora
 
@@ -128,21 +129,23 @@ def test_progressive_window_moves_with_training():
 
 def test_window_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"rollout.window_size \(4\) does not fit"):
-        _cfg("window", "--rollout.window_size=4", "--rollout.window_range=0,3").validate()
+        preflight(_cfg("window", "--rollout.window_size=4", "--rollout.window_range=0,3"))
     with pytest.raises(ConfigError, match=r"rollout.window_range \[2, 6\) must satisfy"):
-        _cfg("window", "--rollout.window_range=2,6").validate()
+        preflight(_cfg("window", "--rollout.window_range=2,6"))
     with pytest.raises(ConfigError, match=r"rollout.window_placement='sliding' is not allowed"):
         _cfg("window", "--rollout.window_placement=sliding").validate()
     with pytest.raises(ConfigError, match=r"train.micro_batch_size \(3\) must be a multiple"):
-        load_config(
-            None,
-            [
-                "--rollout.plan=branch",
-                "--rollout.group_size=2",
-                "--rollout.batch_size=6",
-                "--train.micro_batch_size=3",
-            ],
-        ).validate()
+        preflight(
+            load_config(
+                None,
+                [
+                    "--rollout.plan=branch",
+                    "--rollout.group_size=2",
+                    "--rollout.batch_size=6",
+                    "--train.micro_batch_size=3",
+                ],
+            )
+        )
 
 
 # -- branch ---------------------------------------------------------------------------------------

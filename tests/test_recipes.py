@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flowpo.config import load_config
+from flowpo.preflight import preflight
 from flowpo.trainer.plans import PLAN_REGISTRY
 from tests.conftest import ROOT, run_flowpo
 
@@ -30,7 +31,7 @@ def test_recipe_loads_and_cites_its_source(path: Path):
     assert head.startswith("#"), f"{path.name}: start with a comment saying what it reproduces"
     ranks = re.search(r"ranks: (\d+)", path.read_text())
     if ranks is None:  # CPU recipes validate completely
-        cfg.validate(world_size=1)
+        preflight(cfg, world_size=1)
         return
     world = int(ranks.group(1))
     assert re.search(r"arXiv \d{4}\.\d{5}|flow_grpo", path.read_text()), path.name

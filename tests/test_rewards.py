@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from flowpo.config import ConfigError, load_config
+from flowpo.preflight import preflight
 from flowpo.rewards.base import (
     RewardError,
     RewardOutput,
@@ -220,7 +221,7 @@ def test_imagereward_is_clearly_unsupported():
     with pytest.raises(ValueError, match="not supported"):
         build_reward("imagereward", model_dir="/nowhere")
     with pytest.raises(ConfigError, match="not supported"):
-        load_config(None, ["--reward.weights=imagereward:1"]).validate()
+        preflight(load_config(None, ["--reward.weights=imagereward:1"]))
 
 
 def test_every_builtin_reward_name_resolves_to_its_factory():
@@ -272,7 +273,7 @@ def test_failure_policy_raise_and_mask(flaky_registered):
 
 def test_reward_options_are_validated_with_field_names():
     def check(*overrides):
-        load_config(None, list(overrides)).validate()
+        preflight(load_config(None, list(overrides)))
 
     check("--reward.weights=ocr:1", "--reward.options={ocr: {failure: mask}}")
     bad = [

@@ -23,7 +23,7 @@ FINALIZE_BLOCK = 1024  # partial sums per row read per iteration of a finalize k
 
 
 @triton.jit
-def _step_coefficients(s, s_next, a, sigma_max, SDE_TYPE: tl.constexpr):
+def step_coefficients(s, s_next, a, sigma_max, SDE_TYPE: tl.constexpr):
     """The step as an affine map of (x, v): mu - x = cx * x + cv * v; and its std (ALGORITHMS.md
     §1; per sample, float32). SDE_TYPE: 0 flow, 1 cps, 2 dance (`_args.SDE_CODES`)."""
     dt = s_next - s

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from flowpo.kernels import _common
 from flowpo.kernels._args import SDE_CODES, Scalar, check_guard, check_reduce, check_step
-from flowpo.kernels._common import _step_coefficients
+from flowpo.kernels._common import step_coefficients
 from flowpo.kernels.reference import guard_stats
 
 MAX_BATCH = 4096  # the finalize kernel holds the batch in one program
@@ -63,7 +63,7 @@ def _guard_fwd_kernel(
     s = tl.load(sigma_ptr + pid_b)
     s_next = tl.load(sigma_next_ptr + pid_b)
     a = tl.load(a_ptr + pid_b)
-    cx, cv, std = _step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
+    cx, cv, std = step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
 
     offs = pid_c * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -118,7 +118,7 @@ def _guard_finalize_kernel(
     s_next = tl.load(sigma_next_ptr + offs_b, mask=mb, other=0.25)
     a = tl.load(a_ptr + offs_b, mask=mb, other=0.5)
     adv = tl.load(adv_ptr + offs_b, mask=mb, other=0.0)
-    cx, cv, std = _step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
+    cx, cv, std = step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
     ratio = tl.exp(z)
     unclipped = -adv * ratio
     clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)

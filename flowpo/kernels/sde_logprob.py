@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flowpo.kernels import _common
 from flowpo.kernels._args import SDE_CODES, Scalar, check_reduce, check_step
-from flowpo.kernels._common import _step_coefficients
+from flowpo.kernels._common import step_coefficients
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _sde_logprob_fwd_kernel(
     s = tl.load(sigma_ptr + pid_b)
     s_next = tl.load(sigma_next_ptr + pid_b)
     a = tl.load(a_ptr + pid_b)
-    cx, cv, std = _step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
+    cx, cv, std = step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
 
     offs = pid_c * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -110,7 +110,7 @@ def _sde_logprob_finalize_kernel(
     s = tl.load(sigma_ptr + pid_b)
     s_next = tl.load(sigma_next_ptr + pid_b)
     a = tl.load(a_ptr + pid_b)
-    cx, cv, std = _step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
+    cx, cv, std = step_coefficients(s, s_next, a, sigma_max, SDE_TYPE)
     if LEGACY:
         log_prob = -sq
     else:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from flowpo.config import Config
+from flowpo.sde import SDEStep, sde_step_with_logprob
 from flowpo.trainer.losses import (
     clipped_policy_loss,
     gradient_reweight_factor,
@@ -25,7 +26,6 @@ from flowpo.trainer.losses import (
     ratio_norm_log_ratio,
 )
 from flowpo.trainer.rollout import Rollout, shared_anchor_forward
-from flowpo.trainer.sde import SDEStep, sde_step_with_logprob
 
 
 def rescore(
@@ -43,7 +43,7 @@ def rescore(
     latent (log_prob (B,), differentiable; mean, std).
 
     sigma_max: Flow-SDE's substitute for sigma == 1, sigmas[1] of the rollout schedule.
-    backend: "torch" (trainer.sde) or "triton" (the fused kernel, same numbers, one pass); None
+    backend: "torch" (flowpo.sde) or "triton" (the fused kernel, same numbers, one pass); None
         resolves train.kernels for the latents' device, as the trainer does at setup.
     """
     s = cfg.sampling

@@ -1,0 +1,56 @@
+"""Preflight: the config checked against the world outside it, before any model loads.
+
+`Config.validate` checks the config alone; `preflight` runs it and then what it cannot see
+from there: prompt files (read now, so a missing file or a bad line stops at once), the model
+path, and the registries of tiny model families, rewards (with their options) and rollout
+plans. `flowpo train`, `flowpo eval` and the trainer run it; every error is a ConfigError that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowpo.config import Config, ConfigError
+from flowpo.models.tiny import tiny_families
+from flowpo.rewards.base import check_reward_options, known_rewards
+from flowpo.trainer.data import load_prompt_items
+from flowpo.trainer.plans import PLAN_REGISTRY
+
+
+def preflight(cfg: Config, world_size: int = 1, training: bool = True) -> None:
+    """`cfg.validate(world_size, training)`, then the checks against files and registries."""
+    cfg.validate(world_size=world_size, training=training)
+    for key, value in (
+        ("rollout.prompt_file", cfg.rollout.prompt_file),
+        ("eval.prompt_file", cfg.eval.prompt_file),
+    ):
+        if value:  # read it now: a missing file or a bad line stops before any model loads
+            load_prompt_items(value, field=key)
+    path = cfg.model.path
+    if path != "shapes:base" and not path.startswith("tiny:") and not Path(path).is_dir():
+        raise ConfigError(
+            f"model.path '{path}' does not exist; point it at a local diffusers model "
+            f"directory, or use tiny:sd3 / tiny:flux (or 'flowpo make-tiny sd3 DIR')"
+        )
+    if path.startswith("tiny:") and path[5:] not in tiny_families():
+        raise ConfigError(
+            f"model.path '{path}': tiny models are "
+            + ", ".join(f"tiny:{f}" for f in tiny_families())
+        )
+    for name in cfg.reward.weights:
+        if name not in known_rewards():
+            raise ConfigError(
+                f"reward.weights: unknown reward '{name}'; choose one of: "
+                + ", ".join(known_rewards())
+            )
+    try:
+        check_reward_options(cfg.reward.weights, cfg.reward.options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    plan = cfg.rollout.plan
+    if plan not in PLAN_REGISTRY:
+        raise ConfigError(
+            f"rollout.plan '{plan}' is unknown; choose one of: " + ", ".join(PLAN_REGISTRY)
+        )
+    PLAN_REGISTRY[plan].check_config(cfg)
