@@ -202,12 +202,13 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from flowpo.preflight import preflight
     from flowpo.trainer.grpo import GRPOTrainer
     from flowpo.trainer.signals import TrainingInterrupted
 
     cfg = resolve_train_config(args, overrides)
     # fail on bad input before any process group or model is started
-    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
     trainer = GRPOTrainer(cfg)
     ok = False
@@ -263,6 +264,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from flowpo.models.base import load_adapter
     from flowpo.models.resolve import resolve_model_path, torch_dtype
+    from flowpo.preflight import preflight
     from flowpo.rewards.base import WeightedReward, check_reward_services
     from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
@@ -270,7 +272,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:
         cfg.model.path = args.model
-    cfg.validate(training=False)
+    preflight(cfg, training=False)
     check_reward_services(cfg.reward.weights, cfg.reward.options)  # before the model loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
