@@ -202,8 +202,8 @@ def resolve_train_config(args: argparse.Namespace, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from flowpo.preflight import preflight
     from flowpo.trainer.grpo import GRPOTrainer
+    from flowpo.trainer.preflight import preflight
     from flowpo.trainer.signals import TrainingInterrupted
 
     cfg = resolve_train_config(args, overrides)
@@ -264,10 +264,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from flowpo.models.base import load_adapter
     from flowpo.models.resolve import resolve_model_path, torch_dtype
-    from flowpo.preflight import preflight
     from flowpo.rewards.base import WeightedReward, check_reward_services
     from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
+    from flowpo.trainer.preflight import preflight
 
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:

@@ -3,7 +3,8 @@
 A recipe is a YAML file with one mapping per section (`model:`, `sampling:`, ...). Values are
 checked against the dataclass field types when loaded; unknown keys and wrong types raise a
 `ConfigError` naming the key and the fix. Cross-field rules live in `Config.validate()`; the
-checks against files and registries in `flowpo.preflight`. This module imports nothing from flowpo.
+checks against files and registries in `flowpo.trainer.preflight`. This module imports nothing
+from flowpo: it is the ground the other layers stand on.
 """
 
 from __future__ import annotations
@@ -325,8 +326,8 @@ class Config:
     def validate(self, world_size: int = 1, training: bool = True) -> None:
         """Cross-field rules; each error names the field and the fix. `training=False` (flowpo
         eval) skips the rules that only the training engine needs. The checks against things
-        outside the config (files, registries) are `flowpo.preflight.preflight`, which runs
-        this first."""
+        outside the config (files, registries) are `flowpo.trainer.preflight`, which runs this
+        first."""
         for (section, name), choices in _CHOICES.items():
             value = getattr(getattr(self, section), name)
             if value not in choices:

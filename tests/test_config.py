@@ -3,7 +3,7 @@
 import pytest
 
 from flowpo.config import Config, ConfigError, load_config
-from flowpo.preflight import preflight
+from flowpo.trainer.preflight import preflight
 
 
 def test_defaults_validate():

@@ -31,7 +31,7 @@ def _flowpo_imports(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     "module,allowed",
     [
-        ("config.py", ()),  # checks against files and registries are flowpo.preflight's
+        ("config.py", ()),  # checks against files and registries: trainer/preflight.py
         ("sde.py", ()),  # the step math under both the trainer and the kernels
         ("rewards/contract.py", ()),
         ("rewards/registry.py", ("flowpo.rewards.contract",)),  # built-ins named, not imported

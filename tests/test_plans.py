@@ -17,9 +17,9 @@ import torch
 import flowpo.trainer.rollout as rollout_mod
 from flowpo.config import ConfigError, load_config
 from flowpo.models.base import load_adapter
-from flowpo.preflight import preflight
 from flowpo.sde import sde_std, shift_sigmas
 from flowpo.trainer.plans import entropy_per_dim, select_entropy_transitions, window_start
+from flowpo.trainer.preflight import preflight
 from flowpo.trainer.rollout import (
     build_plan,
     forward_rows,

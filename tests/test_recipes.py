@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from flowpo.config import load_config
-from flowpo.preflight import preflight
 from flowpo.trainer.plans import PLAN_REGISTRY
+from flowpo.trainer.preflight import preflight
 from tests.conftest import ROOT, run_flowpo
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -12,7 +12,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from flowpo.config import ConfigError, load_config
-from flowpo.preflight import preflight
 from flowpo.rewards.base import (
     RewardError,
     RewardOutput,
@@ -21,6 +20,7 @@ from flowpo.rewards.base import (
     group_normalized_total,
     register_reward,
 )
+from flowpo.trainer.preflight import preflight
 
 # -- OCR rule --------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import torch
 
 from flowpo.config import Config
 from flowpo.models.resolve import resolve_model_path, torch_dtype
-from flowpo.preflight import preflight
 from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
 from flowpo.trainer.checkpoint import (
@@ -33,6 +32,7 @@ from flowpo.trainer.data import KRepeatSampler, load_prompt_items
 from flowpo.trainer.ema import TrainingEMA
 from flowpo.trainer.engine import Collectives, Engine, close_distributed, init_distributed
 from flowpo.trainer.evaluation import EvalResult, run_eval, save_eval_grid
+from flowpo.trainer.preflight import preflight
 from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas, sample_rollout
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
 from flowpo.trainer.startup import check_reward_services_on_every_rank, check_same_config
