@@ -3,7 +3,7 @@
     flowpo train [-c configs/RECIPE.yaml] [--section.field=value ...] [--resume DIR|latest]
     flowpo sample --model DIR [--checkpoint CKPT] --prompt "..." [--num 4] [--out grid.png]
     flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
-    flowpo pretrain-shapes OUT_DIR [--steps 5000] [--minutes 40]
+    flowpo pretrain-shapes OUT_DIR [--steps N] | --resume OUT_DIR
     flowpo make-tiny {sd3,flux,qwen-image,bagel} OUT_DIR
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
     flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from flowpo.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+PRETRAIN_STEPS = 8000  # the committed shapes-world base (flowpo/tasks/shapes/base_model)
 
 TRAIN_HELP = """Run online RL (Flow-GRPO) on a flow-matching model.
 
@@ -85,12 +87,30 @@ def _parser() -> argparse.ArgumentParser:
         "pretrain-shapes",
         help="reproduce the shapes-world base model (flow matching on rendered scenes)",
         description="Trains the tiny pixel-space SD3-family base model of the shapes world on "
-        "rendered (prompt, image) pairs of the training split and saves it to OUT_DIR.",
+        "rendered (noisily captioned) (prompt, image) pairs of the training split and saves it "
+        "to OUT_DIR. Its full state is saved every --save-every steps: `--resume OUT_DIR` "
+        "continues an interrupted run (same settings) to the same result.",
     )
-    p2.add_argument("out_dir")
-    p2.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap")
+    p2.add_argument("out_dir", nargs="?", help="where the model (and the resumable state) goes")
+    p2.add_argument("--resume", metavar="OUT_DIR", help="continue the run saved in OUT_DIR")
     p2.add_argument(
-        "--steps", type=int, default=5000, help="optimizer steps (the committed base: 5000)"
+        "--steps",
+        type=int,
+        default=PRETRAIN_STEPS,
+        help=f"optimizer steps (the committed base: {PRETRAIN_STEPS})",
+    )
+    p2.add_argument("--save-every", type=int, default=500, help="steps between saved states")
+    p2.add_argument("--eval-every", type=int, default=1000, help="steps between quick evals")
+    p2.add_argument(
+        "--snapshot",
+        metavar="MODEL_DIR",
+        help="save the EMA weights of OUT_DIR's last saved state to MODEL_DIR and exit",
+    )
+    p2.add_argument(
+        "--stop-at", type=int, default=0, help="stop after this step, state saved (one sitting)"
+    )
+    p2.add_argument(
+        "--no-compile", action="store_true", help="eager training steps (no torch.compile)"
     )
     p2.add_argument("--batch-size", type=int, default=64)
     p2.add_argument("--lr", type=float, default=1e-3)
@@ -266,7 +286,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from flowpo.models.resolve import resolve_model_path, torch_dtype
     from flowpo.rewards.base import WeightedReward, check_reward_services
     from flowpo.trainer.checkpoint import load_trainable
-    from flowpo.trainer.evaluation import accuracy_table, run_eval, save_eval_grid
+    from flowpo.trainer.evaluation import (
+        accuracy_table,
+        drawing_table,
+        run_eval,
+        save_eval_grid,
+    )
     from flowpo.trainer.preflight import preflight
 
     cfg = load_config(_recipe(args.config), overrides)
@@ -305,6 +330,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"reward {res.reward_mean:.4f} ± {res.reward_std:.4f} over {res.num_samples} samples")
     if res.accuracy:
         print(accuracy_table(None, res))
+    if drawing := drawing_table(None, res):
+        print(drawing)
     print(f"wrote {out / 'eval.json'}" + (f" and {grid}" if grid else ""))
     return 0
 
@@ -357,9 +384,25 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     from flowpo.tasks.shapes.pretrain import pretrain
 
+    if args.resume and args.out_dir and Path(args.out_dir) != Path(args.resume):
+        print("flowpo: error: give OUT_DIR or --resume OUT_DIR, not both", file=sys.stderr)
+        return 2
+    if not (args.resume or args.out_dir):
+        print("flowpo: error: pretrain-shapes needs OUT_DIR (or --resume OUT_DIR)", file=sys.stderr)
+        return 2
+    if args.snapshot:
+        from flowpo.tasks.shapes.pretrain import save_snapshot
+
+        step = save_snapshot(args.resume or args.out_dir, args.snapshot)
+        print(f"saved the EMA weights of step {step} to {args.snapshot}")
+        return 0
     pretrain(
-        args.out_dir,
-        minutes=args.minutes,
+        args.resume or args.out_dir,
+        resume=bool(args.resume),
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        compile=not args.no_compile,
+        stop_at=args.stop_at,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,

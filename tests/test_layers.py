@@ -54,9 +54,4 @@ def test_no_module_imports_another_modules_private_names():
         for module, names in _imports(path):
             if module.startswith("flowpo") and module != package:  # own private modules: fine
                 bad += [f"{path.relative_to(ROOT)}: {module}.{n}" for n in names if n[0] == "_"]
-    # known, owned elsewhere: the shapes pretraining reuses the tiny text encoders
-    known = {
-        "flowpo/tasks/shapes/pretrain.py: flowpo.models.tiny._seeded",
-        "flowpo/tasks/shapes/pretrain.py: flowpo.models.tiny._text_encoders",
-    }
-    assert set(bad) <= known, sorted(set(bad) - known)
+    assert not bad, sorted(set(bad))

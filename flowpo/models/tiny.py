@@ -189,14 +189,14 @@ TINY_CONFIGS["qwen-image"] = {
 }
 
 
-def _seeded(seed: int, build: Any) -> Any:
+def seeded(seed: int, build: Any) -> Any:
     """Build a module under `seed` without touching the caller's global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
-def _text_encoders(cfg: dict[str, dict[str, Any]], seed: int, n_clip: int, projection: bool):
+def text_encoders(cfg: dict[str, dict[str, Any]], seed: int, n_clip: int, projection: bool):
     """Tokenizers and text encoders: `n_clip` CLIP encoders and one T5 encoder."""
     from transformers import (
         CLIPTextConfig,
@@ -216,7 +216,7 @@ def _text_encoders(cfg: dict[str, dict[str, Any]], seed: int, n_clip: int, proje
         **cfg["clip"],
     )
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    clips = [_seeded(seed + 1 + i, lambda: cls(clip_cfg)) for i in range(n_clip)]
+    clips = [seeded(seed + 1 + i, lambda: cls(clip_cfg)) for i in range(n_clip)]
     t5_cfg = T5Config(
         vocab_size=len(t5_tok),
         pad_token_id=t5_tok.pad_token_id,
@@ -226,7 +226,7 @@ def _text_encoders(cfg: dict[str, dict[str, Any]], seed: int, n_clip: int, proje
         use_cache=False,
         **cfg["t5"],
     )
-    t5 = _seeded(seed + 10, lambda: T5EncoderModel(t5_cfg))
+    t5 = seeded(seed + 10, lambda: T5EncoderModel(t5_cfg))
     return clip_tok, clips, t5_tok, t5
 
 
@@ -234,7 +234,7 @@ def _vae(cfg: dict[str, Any], seed: int, resolution: int) -> Any:
     from diffusers import AutoencoderKL
 
     n = len(cfg["block_out_channels"])
-    return _seeded(
+    return seeded(
         seed + 20,
         lambda: AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * n,
@@ -252,7 +252,7 @@ def _make_sd3(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any
         StableDiffusion3Pipeline,
     )
 
-    clip_tok, (clip1, clip2), t5_tok, t5 = _text_encoders(cfg, seed, 2, projection=True)
+    clip_tok, (clip1, clip2), t5_tok, t5 = text_encoders(cfg, seed, 2, projection=True)
     vae = _vae(cfg["vae"], seed, resolution)
     factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     tcfg = cfg["transformer"]
@@ -261,7 +261,7 @@ def _make_sd3(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any
             f"resolution ({resolution}) must be a multiple of {factor * tcfg['patch_size']} "
             "(VAE factor × patch size) for the tiny sd3 model"
         )
-    transformer = _seeded(
+    transformer = seeded(
         seed + 30, lambda: SD3Transformer2DModel(sample_size=resolution // factor, **tcfg)
     )
     return StableDiffusion3Pipeline(
@@ -280,7 +280,7 @@ def _make_sd3(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any
 def _make_flux(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    clip_tok, (clip,), t5_tok, t5 = _text_encoders(cfg, seed, 1, projection=False)
+    clip_tok, (clip,), t5_tok, t5 = text_encoders(cfg, seed, 1, projection=False)
     vae = _vae(cfg["vae"], seed, resolution)
     factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     if resolution % (factor * 2):
@@ -288,7 +288,7 @@ def _make_flux(cfg: dict[str, dict[str, Any]], seed: int, resolution: int) -> An
             f"resolution ({resolution}) must be a multiple of {factor * 2} "
             "(VAE factor × 2×2 packing) for the tiny flux model"
         )
-    transformer = _seeded(seed + 30, lambda: FluxTransformer2DModel(**cfg["transformer"]))
+    transformer = seeded(seed + 30, lambda: FluxTransformer2DModel(**cfg["transformer"]))
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
         vae=vae,
@@ -327,10 +327,10 @@ def _make_qwen_image(cfg: dict[str, dict[str, Any]], seed: int, resolution: int)
         ),
         vision_config=cfg["vision"],
     )
-    text_encoder = _seeded(seed + 1, lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))
-    vae = _seeded(seed + 20, lambda: AutoencoderKLQwenImage(**cfg["vae"]))
+    text_encoder = seeded(seed + 1, lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))
+    vae = seeded(seed + 20, lambda: AutoencoderKLQwenImage(**cfg["vae"]))
     tcfg = cfg["transformer"]
-    transformer = _seeded(seed + 30, lambda: QwenImageTransformer2DModel(**tcfg))
+    transformer = seeded(seed + 30, lambda: QwenImageTransformer2DModel(**tcfg))
     return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
         vae=vae,

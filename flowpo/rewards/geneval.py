@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
-from flowpo.rewards.geneval_rules import Detection, score
+from flowpo.rewards.geneval_rules import COLORS, Detection, score
 
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 16  # GenEval's values
 BGCOLOR = (153, 153, 153)  # GenEval's #999
-COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -38,7 +38,7 @@ REWARD_REGISTRY: dict[str, Callable[..., RewardFn] | str] = {
     "jpeg_incompressibility": "flowpo.rewards.jpeg:jpeg_incompressibility",
     "ocr": "flowpo.rewards.ocr:ocr",
     "pickscore": "flowpo.rewards.clip_rewards:pickscore",
-    "shapes": "flowpo.rewards.shapes:shapes_reward",
+    "shapes": "flowpo.tasks.shapes.reward:shapes_reward",
     "unifiedreward": "flowpo.rewards.unifiedreward:unifiedreward",
 }
 

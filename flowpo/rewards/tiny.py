@@ -75,7 +75,7 @@ def make_tiny_mask2former(out_dir: str, *, image_size: int = 64) -> str:
         SwinConfig,
     )
 
-    from flowpo.tasks.geneval_prompts import COCO_CLASSES
+    from flowpo.rewards.geneval_rules import COCO_CLASSES
 
     torch.manual_seed(0)
     backbone = SwinConfig(

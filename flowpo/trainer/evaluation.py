@@ -29,6 +29,9 @@ class EvalResult:
     grid_cols: int = 0
     detail_means: dict[str, float] = field(default_factory=dict)  # e.g. each reward's mean
     masked: int = 0  # samples a reward could not score (failure=mask), left out of the means
+    # fraction of prompts whose rewards over their first min(8, seeds) seeds are not all equal:
+    # how many groups of a GRPO epoch on these prompts would carry a signal (NaN: < 2 seeds)
+    spread: float = float("nan")
 
     def overall_se(self) -> float:
         """Standard error of the overall accuracy (GenEval's mean over tags): binomial per tag,
@@ -46,6 +49,8 @@ class EvalResult:
         if self.accuracy:
             out["eval/acc_se/overall"] = self.overall_se()
         out.update({f"eval/{k}_mean": v for k, v in self.detail_means.items()})
+        if math.isfinite(self.spread):
+            out["eval/group_spread"] = self.spread
         if self.masked:
             out["eval/masked"] = float(self.masked)
         return out
@@ -150,6 +155,11 @@ def run_eval(
         grid_rows=prompts[:grid_n],
         grid_cols=cols,
     )
+    if len(seeds) >= 2:  # pairs are prompt-major: row i holds prompt i's seeds
+        per = all_scores.reshape(len(prompts), len(seeds))[:, : min(8, len(seeds))]
+        rows = per[torch.isfinite(per).all(1)]
+        if rows.numel():
+            res.spread = float((rows.amax(1) > rows.amin(1)).float().mean())
     ok = torch.cat(strict)
     if torch.isfinite(ok).any():  # the reward reports strict correctness
         tags = [metas[i].get("tag", "all") for i, _ in pairs]
@@ -175,6 +185,43 @@ def save_eval_grid(res: EvalResult, path: Path) -> Path | None:
     if res.grid is None:
         return None
     return save_grid(res.grid, path, nrow=res.grid_cols, captions=res.grid_rows)
+
+
+def drawing_numbers(detail_means: dict[str, float]) -> dict[str, float]:
+    """What a detector-based reward says about the drawings (the `shapes` reward's details):
+    `recognised` = recognised shapes / detected components, `excess_objects` = objects drawn per
+    image minus the objects asked for, `quality` = drawn pixels inside recognised shapes.
+    Empty for rewards without these details."""
+    out = {}
+    for key, mean in detail_means.items():
+        name = key.rsplit("/", 1)[-1]
+        if name in ("excess_objects", "quality"):
+            out[name] = mean
+        elif name == "recognised" and detail_means.get(key[: -len(name)] + "components"):
+            out["recognised"] = mean / detail_means[key[: -len(name)] + "components"]
+    return out
+
+
+def drawing_table(before: dict[str, float] | None, after: EvalResult) -> str:
+    """Lines for the drawing statistics and the group spread, before -> after (`before` as
+    kept in the run history: detail means and spread), or one column."""
+    rows = [
+        ("recognised", "detected objects recognised as shapes", "{:.1%}"),
+        ("excess_objects", "objects drawn - objects asked (per image)", "{:+.3f}"),
+        ("quality", "drawn pixels inside recognised shapes", "{:.1%}"),
+    ]
+    now = drawing_numbers(after.detail_means)
+    was = drawing_numbers(before.get("detail_means", {})) if before else {}
+    lines = []
+    for key, label, fmt in rows:
+        if key in now:
+            b = f"{fmt.format(was[key])} -> " if key in was else ""
+            lines.append(f"{label:<44}{b}{fmt.format(now[key])}")
+    if math.isfinite(after.spread):
+        b = before.get("spread", float("nan")) if before else float("nan")
+        prev = f"{b:.1%} -> " if math.isfinite(b) else ""
+        lines.append(f"{'prompts with reward spread over 8 seeds':<44}{prev}{after.spread:.1%}")
+    return "\n".join(lines)
 
 
 def accuracy_table(before: EvalResult | None, after: EvalResult) -> str:

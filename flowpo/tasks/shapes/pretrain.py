@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowpo.sde import shift_sigmas
 from flowpo.tasks.shapes.world import SIZE, TAGS, render, splits
-from flowpo.trainer.sde import shift_sigmas
 
 SIGMA_SHIFT = 1.0  # pretraining sigmas and the saved scheduler (see "scheduler" below)
 # fraction of each tag's training scenes whose caption is wrong in the way described above
@@ -76,10 +76,10 @@ def build_base(seed: int = 0, sigma_shift: float = SIGMA_SHIFT) -> Any:
         StableDiffusion3Pipeline,
     )
 
-    from flowpo.models.tiny import TINY_CONFIGS, _seeded, _text_encoders
+    from flowpo.models.tiny import TINY_CONFIGS, seeded, text_encoders
 
-    clip_tok, (clip1, clip2), t5_tok, t5 = _text_encoders(TINY_CONFIGS["sd3"], seed, 2, True)
-    transformer = _seeded(seed + 30, lambda: SD3Transformer2DModel(**BASE_CONFIG["transformer"]))
+    clip_tok, (clip1, clip2), t5_tok, t5 = text_encoders(TINY_CONFIGS["sd3"], seed, 2, True)
+    transformer = seeded(seed + 30, lambda: SD3Transformer2DModel(**BASE_CONFIG["transformer"]))
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(
@@ -349,3 +349,17 @@ def pretrain(
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"saved base model to {out} after {step} steps ({summary['seconds']:.0f}s)")
     return summary
+
+
+def save_snapshot(state_dir: str, out_dir: str) -> int:
+    """Save the EMA weights of a pretraining run's last saved state (a run still going, or
+    stopped with --stop-at) as a model directory at out_dir; returns the state's step."""
+    st = torch.load(Path(state_dir) / STATE_FILE, weights_only=False)  # our own file
+    cfg = st["settings"]
+    pipe = build_base(cfg["seed"], cfg["sigma_shift"])
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    with torch.no_grad():
+        for p, e in zip([p for m in modules for p in m.parameters()], st["ema"]):
+            p.copy_(e)
+    pipe.save_pretrained(str(out_dir))
+    return int(st["step"])

@@ -1,5 +1,6 @@
-"""`shapes`: the shapes-world GenEval score (flowpo/tasks/shapes). Training score = GenEval-rule
-partial credit; `details["strict"]` = strict correctness (1/0) used for evaluation."""
+"""`shapes`: the shapes-world GenEval score. Training score = GenEval-rule partial credit;
+`details["strict"]` = strict correctness (1/0) used for evaluation. Registered by name in
+`flowpo.rewards.registry` (lazily), so the rewards package does not import the task."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ from flowpo.rewards.contract import RewardOutput, to_uint8_hwc
 
 
 def shapes_reward(
-    position_failure_point: bool = False, quality_weight: float = 0.0, exact_counts: bool = False
+    position_failure_point: bool = False,
+    quality_weight: float = 0.0,
+    exact_counts: bool = False,
+    strict_weight: float = 0.0,
 ):
-    """quality_weight > 0 adds a dense drawing-quality term (the fraction of drawn pixels in
+    """strict_weight > 0 adds that much for a strictly correct image (GenEval's rule) to the
+    partial credit, so the reward separates "all checks but one" from "correct".
+    quality_weight > 0 adds a dense drawing-quality term (the fraction of drawn pixels in
     recognised shapes, `details["quality"]`) to the partial credit: GenEval's score is flat
     while shapes are too ragged to detect, the quality term grades that. exact_counts adds
     checks against extra objects to the partial credit (see `geneval_rules.score`); `strict`
@@ -36,7 +42,7 @@ def shapes_reward(
                 position_failure_point=position_failure_point,
                 exact_counts=exact_counts,
             )
-            partial.append(sc + quality_weight * q)
+            partial.append(sc + quality_weight * q + strict_weight * float(ok))
             strict.append(float(ok))
             quality.append(q)
             asked = sum(c["count"] for c in meta["include"])
