@@ -205,6 +205,14 @@ class Collectives:
         }
 
 
+def process_group() -> Collectives:
+    """Collectives over the process group this process is in; one rank (every collective a
+    no-op) when there is none, e.g. under `flowpo eval`."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Collectives(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Collectives(0, 1, device="cpu")
+
+
 class Engine(Collectives):
     """Owns the DeepSpeed engine wrapping the trainable module, and (as Collectives) every
     distributed call."""

@@ -13,6 +13,7 @@ import torch
 
 from flowpo.config import Config
 from flowpo.trainer.data import load_prompt_items
+from flowpo.trainer.engine import process_group
 from flowpo.trainer.rollout import sample_ode
 from flowpo.trainer.tracking import progress, save_grid
 
@@ -103,7 +104,8 @@ def run_eval(
     # several ranks: chunk c on rank c % world (the same batches as on one rank, so the same
     # numbers); every rank runs the same number of chunks (ZeRO-3 gathers are collective),
     # a rank short of one repeats its last chunk and drops the result
-    world, rank = _world()
+    dist = process_group()
+    world, rank = dist.world_size, dist.rank
     per_rank = -(-len(starts) // world)
     mine = list(range(rank, len(starts), world))
     real = len(mine)
@@ -131,9 +133,7 @@ def run_eval(
             grid,
         )
     if world > 1:
-        everyone: list = [None] * world
-        torch.distributed.all_gather_object(everyone, results)
-        results = {c: r for part in everyone for c, r in part.items()}
+        results = {c: r for part in dist.all_gather_object(results) for c, r in part.items()}
     ordered = [results[c] for c in range(len(starts))]
     scores = [r[0] for r in ordered]
     details = [r[1] for r in ordered]
@@ -172,13 +172,6 @@ def run_eval(
         res.accuracy["overall"] = sum(res.accuracy.values()) / len(res.accuracy)
         res.counts["overall"] = int(torch.isfinite(ok).sum())
     return res
-
-
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the process group, (1, 0) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
 
 
 def save_eval_grid(res: EvalResult, path: Path) -> Path | None:
