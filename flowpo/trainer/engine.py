@@ -1,5 +1,7 @@
-"""Everything DeepSpeed: process group, ZeRO config, LoRA/full fine-tuning, reference policy,
-backward/step, checkpoint save/load and rank helpers. The only module that imports deepspeed.
+"""Everything DeepSpeed and everything distributed: the process group, ZeRO config, LoRA/full
+fine-tuning, reference policy, backward/step, the engine's own state in a checkpoint, and every
+collective (`Collectives`, which the Engine is). The only module that imports deepspeed, and the
+only one that calls torch.distributed.
 
 Launch lines:
     python -m flowpo train ...                       # one rank (CPU or one GPU)
