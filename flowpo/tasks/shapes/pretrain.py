@@ -309,6 +309,8 @@ def pretrain(
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if bar.disable and step % 100 == 0:  # no TTY (a log file): a line every 100 steps
+            log(f"step {step}/{steps} loss {ema_loss:.4f} ({time.time() - t0:.0f}s)")
         if step % eval_every == 0 or step == steps:
             for m in modules:
                 m.eval()
