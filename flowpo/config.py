@@ -215,6 +215,12 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 25
     """Evaluate every N epochs (0 = only at start and end)."""
+    at_start: bool = True
+    """Evaluate before the first epoch (the summary's `before`; kept in the checkpoint for
+    resume). false: no start evaluation, and the summary has no eval_start."""
+    at_end: bool = True
+    """Evaluate after the last epoch (samples_end.png, the summary's `after`). false: no end
+    evaluation, and the summary has no eval_end."""
     prompt_file: str = ""
     """Eval prompts (.txt, GenEval .jsonl, or shapes:heldout); empty = `prompts`, else the
     training prompts."""

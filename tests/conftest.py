@@ -1,7 +1,12 @@
+import contextlib
+import io
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,13 +45,117 @@ def run_flowpo(*args: str, cwd: Path | None = None, timeout: int = 600):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    """Tiny sd3 and flux model directories built once per test session."""
-    from flowpo.models.tiny import make_tiny
+@dataclass
+class Completed:
+    """What `flowpo_main` returns: the fields of subprocess.CompletedProcess that tests read."""
 
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def as_fresh_process(**env: str):
+    """Run a block the way a fresh `run_flowpo` process would run: environment ENV (plus
+    `env`), cwd ROOT, OMP_NUM_THREADS torch threads. Afterwards the environment, cwd, thread
+    count and the python / numpy / torch RNG states are put back, and a process group the block
+    left open is closed (with DeepSpeed's cached groups), so the next block starts clean."""
+    import numpy as np
+    import torch
+
+    saved_env, cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    os.environ.clear()
+    os.environ.update(ENV, **env)
+    os.chdir(ROOT)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if "deepspeed" in sys.modules:
+            # the trainer destroys its group through torch.distributed, which leaves
+            # DeepSpeed's cached groups pointing at it; a later run in this process needs them
+            # gone (deepspeed.comm.destroy_process_group would release them)
+            from deepspeed.utils import groups
+
+            groups._release_process_group_references()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+
+
+def flowpo_main(*args: str, **env: str) -> Completed:
+    """`flowpo ARGS` in this process (`flowpo.cli.main`) under `as_fresh_process(**env)`:
+    stdout and stderr captured, the exit status a process would have (2 for a one-line error
+    or a usage error). No process start and no torch / DeepSpeed / diffusers import: use it
+    wherever the process boundary is not what a test checks (launchers, signals and several
+    ranks keep `run_flowpo` / torchrun)."""
+    from flowpo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with as_fresh_process(**env):
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(list(args))
+                except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                    code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # a crash: show what the run printed (pytest captures it)
+            print(out.getvalue()[-4000:])
+            print(err.getvalue()[-4000:], file=sys.stderr)
+            raise
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+def train_rows(run: Path) -> list[dict]:
+    """The training rows of RUN/metrics.jsonl (evaluation rows carry only eval/ keys)."""
+    import json
+
+    rows = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+# Training runs that check the training mechanics only (losses, ratios, checkpoints): no start
+# and end evaluation (eval.at_start / eval.at_end), the slowest part of a short tiny run.
+NO_EVAL = ["--eval.at_start=false", "--eval.at_end=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """One tiny model per (family, seed) for the whole session: `tiny:FAMILY` runs, in this
+    process and in subprocesses (ENV), copy it from here instead of building their own."""
+    from flowpo.models.resolve import TINY_CACHE_ENV
+
+    path = str(tmp_path_factory.mktemp("tiny_cache"))
+    old = os.environ.get(TINY_CACHE_ENV)
+    os.environ[TINY_CACHE_ENV] = ENV[TINY_CACHE_ENV] = path
+    yield path
+    ENV.pop(TINY_CACHE_ENV, None)
+    if old is None:
+        os.environ.pop(TINY_CACHE_ENV, None)
+    else:
+        os.environ[TINY_CACHE_ENV] = old
+
+
+def tiny_model(cache: str, family: str, out: Path, seed: int = 0) -> str:
+    """A copy of the session's tiny `family` model at `out` (tests may write next to it)."""
+    from flowpo.models.resolve import cached_tiny
+
+    shutil.copytree(cached_tiny(family, cache, seed=seed), out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tiny_cache):
+    """Tiny sd3 and flux model directories (seed 0), built once per test session."""
     root = tmp_path_factory.mktemp("tiny")
-    return {fam: make_tiny(fam, str(root / fam), seed=0) for fam in ("sd3", "flux")}
+    return {fam: tiny_model(tiny_cache, fam, root / fam) for fam in ("sd3", "flux")}
 
 
 def add_active_lora(adapter, seed: int = 0):

@@ -9,12 +9,14 @@ trained weights (gathered), the global gradient norm and, per rank, the ZeRO par
     torchrun --standalone --nproc_per_node 2 tests/dist_update.py MODEL_DIR OUT.pt CASES_JSON [RECIPE]
 
 RECIPE (a configs/ stem, default tiny_sd3_jpeg) picks the model family's tiny recipe; the
-cases' overrides apply on top of it.
+cases' overrides apply on top of it. The one-rank reference runs in the test's own process
+(`run_cases` under conftest's `as_fresh_process`); several ranks need torchrun.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +92,7 @@ def run_case(
     torch.distributed.all_gather_object(reports, report)
     trainer.pool.shutdown(wait=True)
     trainer.logger.close()
+    trainer.signals.restore()
     return {
         "weights": weights,
         "grad_norm": metrics["train/grad_norm"],
@@ -104,18 +107,26 @@ def run_case(
     }
 
 
+def run_cases(
+    model_dir: str, cases: dict[str, list[str]], run_root: Path, recipe: str = "tiny_sd3_jpeg"
+) -> dict:
+    """Every case in one process group (started here, or the launcher's); closed after."""
+    from flowpo.trainer.engine import close_distributed, init_distributed
+
+    init_distributed()
+    results = {}
+    for name, overrides in cases.items():
+        results[name] = run_case(name, overrides, model_dir, run_root, recipe)
+    close_distributed()
+    return results
+
+
 def main() -> None:
     model_dir, out, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     recipe = sys.argv[4] if len(sys.argv) > 4 else "tiny_sd3_jpeg"
-    from flowpo.trainer.engine import close_distributed, init_distributed
-
-    rank, _, _ = init_distributed()
-    results = {}
-    for name, overrides in cases.items():
-        results[name] = run_case(name, overrides, model_dir, out.parent / "runs", recipe)
-    if rank == 0:
+    results = run_cases(model_dir, cases, out.parent / "runs", recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
-    close_distributed()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.bagel_spec import spec_velocity
-from tests.conftest import run_flowpo
+from tests.conftest import NO_EVAL, flowpo_main
 
 # BAGEL.md §2, per-layer table: name suffix -> shape in the symbols of §1
 PER_LAYER = {
@@ -81,10 +81,10 @@ def expected_shapes(cfg: dict, vocab: int, grid: int) -> dict[str, tuple[int, ..
 
 
 @pytest.fixture(scope="module")
-def bagel_dir(tmp_path_factory):
-    from flowpo.models.tiny import make_tiny
+def bagel_dir(tmp_path_factory, tiny_cache):
+    from tests.conftest import tiny_model
 
-    return make_tiny("bagel", str(tmp_path_factory.mktemp("bagel") / "tiny"), seed=0)
+    return tiny_model(tiny_cache, "bagel", tmp_path_factory.mktemp("bagel") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -429,13 +429,14 @@ COMMON = [
     "--rollout.window_range=0,2",
     "--eval.num_prompts=1",
     "--eval.seeds=0",
+    *NO_EVAL,  # the training mechanics only
     "--checkpoint.every=1",
     "--train.steps_per_epoch=2",
 ]
 
 
 def _train(tmp_path, name, *extra):
-    proc = run_flowpo(
+    proc = flowpo_main(
         "train",
         "-c",
         "configs/tiny_bagel_jpeg.yaml",
@@ -478,10 +479,9 @@ def test_full_epoch_changes_only_the_moe_gen_parameters(tmp_path):
 # -- 2-rank ZeRO-3 (torchrun, gloo): partitioned, and the same update as one rank -----------------
 @pytest.mark.slow
 def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, zero3_threshold0, tmp_path):
-    import subprocess
-
-    from tests.conftest import ENV, ROOT
-    from tests.test_distributed import _torchrun
+    from tests.conftest import ROOT, as_fresh_process
+    from tests.dist_update import run_cases
+    from tests.test_distributed import _run, _torchrun
 
     common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
     z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
@@ -490,14 +490,12 @@ def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, zero3_threshold
         1: {"lora": common, "full": [*common, *full]},
         2: {"lora_z3": [*common, *z3], "full_z3": [*common, *full, *z3]},
     }
-    res = {}
+    with as_fresh_process():  # the one-rank reference, in this process
+        res = run_cases(bagel_dir, cases[1], tmp_path / "runs", "tiny_bagel_jpeg")
     script = str(Path(ROOT) / "tests" / "dist_update.py")
-    for n, c in cases.items():
-        out = tmp_path / f"w{n}.pt"
-        cmd = _torchrun(n, script, bagel_dir, str(out), json.dumps(c), "tiny_bagel_jpeg")
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        res.update(torch.load(out, weights_only=False))
+    out = tmp_path / "w2.pt"
+    _run(_torchrun(2, script, bagel_dir, str(out), json.dumps(cases[2]), "tiny_bagel_jpeg"), 900)
+    res.update(torch.load(out, weights_only=False))
     base = load_file(f"{bagel_dir}/ema.safetensors")
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)
     full = res["full"]["weights"]

@@ -1,6 +1,8 @@
 """Multi-rank DeepSpeed on CPU (gloo), real launchers: ZeRO-2/3 partitioning and update
 equivalence (ALGORITHMS.md §6.7), ratio == 1 under 2-rank ZeRO-3 with CFG and β > 0, the
-`deepspeed` launcher, exact resume after SIGKILL, SIGTERM checkpointing, export round trips."""
+`deepspeed` launcher, exact resume after SIGKILL, SIGTERM checkpointing, export round trips.
+Runs that need a process boundary (launchers, several ranks, signals) start fresh processes; the
+one-rank references, exports and resumes run in this process (conftest.flowpo_main)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ENV, ROOT, free_port, run_flowpo
+from tests.conftest import (
+    ENV,
+    NO_EVAL,
+    ROOT,
+    as_fresh_process,
+    flowpo_main,
+    free_port,
+    train_rows,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -50,11 +60,6 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _train_rows(run: Path) -> list[dict]:
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +96,13 @@ def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
             "--engine.offload_params=true",
         ],
     }
-    res = {}
-    for n, cases in ((1, one), (2, two)):
-        out = tmp_path / f"w{n}.pt"
-        _run(_torchrun(n, script, sd3_dir, str(out), json.dumps(cases)))
-        res.update(torch.load(out, weights_only=False))
+    from tests.dist_update import run_cases
+
+    with as_fresh_process():  # the one-rank reference, in this process
+        res = run_cases(sd3_dir, one, tmp_path / "runs")
+    out = tmp_path / "w2.pt"
+    _run(_torchrun(2, script, sd3_dir, str(out), json.dumps(two)))
+    res.update(torch.load(out, weights_only=False))
 
     base = load_file(str(Path(sd3_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
     for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8")):
@@ -167,18 +174,19 @@ def test_deepspeed_launcher_zero3_lora_ratio_one_and_lora_export(sd3_dir, tmp_pa
         "--engine.zero_stage=3",
         "--model.drop_text_encoders=true",
         *COMMON,
+        *NO_EVAL,  # the training mechanics only
     ]
     proc = _run(cmd)
     assert "world_size=2" in proc.stdout
     assert "text encoders freed" in proc.stdout
-    rows = _train_rows(run)
+    rows = train_rows(run)
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:  # invariant 4 under 2-rank ZeRO-3, CFG, KL to the reference
         assert r["train/first_ratio_max_dev"] <= 1e-6 and math.isfinite(r["train/kl"])
 
     ckpt = run / "checkpoints" / "checkpoint-1"
     out = tmp_path / "lora_export"
-    p = run_flowpo("export", str(ckpt), str(out))
+    p = flowpo_main("export", str(ckpt), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_export_matches_policy(sd3_dir, ckpt, out, lora=True)
 
@@ -259,6 +267,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
             f"--engine.ds_config={zero3_threshold0}",
             "--checkpoint.every=1",
             "--checkpoint.keep_last_n=3",
+            "--eval.at_start=false",  # the end evaluations are compared
             *COMMON,
             *extra,
         )
@@ -291,13 +300,13 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
     assert not (tmp_path / "killed" / "summary.json").is_file()
-    done = [r["epoch"] for r in _train_rows(tmp_path / "killed")]
+    done = [r["epoch"] for r in train_rows(tmp_path / "killed")]
     assert done[:2] == [0, 1] and len(done) < 4
 
     resumed = _run(train_cmd("killed", "--engine.shard_frozen=true", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
 
-    straight, killed = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "killed")
+    straight, killed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "killed")
     # epochs logged before the kill stay in the file; the resumed run re-logs from epoch 2
     by_epoch = {r["epoch"]: r for r in killed}
     assert sorted(by_epoch) == [0, 1, 2, 3]
@@ -320,20 +329,20 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     # full export: a complete model directory diffusers loads, consolidated from ZeRO-3 shards
     ckpt = tmp_path / "straight" / "checkpoints" / "checkpoint-3"
     out = tmp_path / "full_export"
-    p = run_flowpo("export", str(ckpt), str(out))
+    p = flowpo_main("export", str(ckpt), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "model_index.json").is_file() and (out / "transformer" / "config.json").is_file()
     _assert_export_matches_policy(sd3_dir, ckpt, out, lora=False)
     # --ema exports the EMA weights instead; a finished export is never overwritten
     ema_out = tmp_path / "ema_export"
-    p = run_flowpo("export", str(ckpt), str(ema_out), "--ema")
+    p = flowpo_main("export", str(ckpt), str(ema_out), "--ema")
     assert p.returncode == 0, p.stderr[-3000:]
     ema = load_file(str(ckpt / "trainable_ema.safetensors"))
     exported = load_file(str(ema_out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
     final = load_file(str(ckpt / "trainable.safetensors"))
     assert any(not torch.equal(ema[k], final[k]) for k in ema), "EMA must differ from the weights"
-    p = run_flowpo("export", str(ckpt), str(ema_out))
+    p = flowpo_main("export", str(ckpt), str(ema_out))
     assert p.returncode != 0 and "not empty" in p.stderr
 
 
@@ -353,6 +362,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(sd3_dir, tmp_path):
         "--rollout.num_batches=2",
         "--train.epochs=200",
         *COMMON,
+        *NO_EVAL,
     ]
     proc = subprocess.Popen(
         args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -372,10 +382,10 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(sd3_dir, tmp_path):
     n = int(last.split("-")[1])
     assert 0 <= n < 199 and (ckpts / last / "manifest.json").is_file()
     again = [a for a in args[3:] if a != "--train.epochs=200"]
-    p = run_flowpo(*again, f"--train.epochs={n + 3}", "--resume", "latest")
+    p = flowpo_main(*again, f"--train.epochs={n + 3}", "--resume", "latest")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert f"at epoch {n + 1}" in p.stdout
-    assert [r["epoch"] for r in _train_rows(tmp_path / "t")][-2:] == [n + 1, n + 2]
+    assert [r["epoch"] for r in train_rows(tmp_path / "t")][-2:] == [n + 1, n + 2]
 
 
 def test_unreachable_reward_service_stops_every_rank(sd3_dir, tmp_path):

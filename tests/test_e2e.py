@@ -1,6 +1,7 @@
-"""End to end through the CLI, with real DeepSpeed (one rank, gloo): 3 epochs of tiny SD3 ->
-finite losses, LoRA weights changed, first ratio == 1, run-dir artifacts, checkpoint written,
-and `--resume latest` continues from the next epoch."""
+"""End to end through the CLI (`flowpo.cli.main`, in this process), with real DeepSpeed (one
+rank, gloo): 3 epochs of tiny SD3 -> finite losses, LoRA weights changed, first ratio == 1,
+run-dir artifacts, checkpoint written, and `--resume latest` continues from the next epoch.
+The fresh-process runs (launchers, signals, several ranks) are in test_distributed.py."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import run_flowpo
+from tests.conftest import NO_EVAL, flowpo_main, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,6 @@ COMMON = [
 ]
 
 
-def _metrics(run):
-    """Training rows of metrics.jsonl (evaluation rows carry only eval/ keys)."""
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
-
-
 def test_three_epochs_then_resume(tmp_path):
     args = [
         "train",
@@ -42,10 +37,10 @@ def test_three_epochs_then_resume(tmp_path):
         "--checkpoint.every=1",
         *COMMON,
     ]
-    proc = run_flowpo(*args, "--train.epochs=3")
+    proc = flowpo_main(*args, "--train.epochs=3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = tmp_path / "e2e"
-    rows = _metrics(run)
+    rows = train_rows(run)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for r in rows:
         assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"])
@@ -72,7 +67,7 @@ def test_three_epochs_then_resume(tmp_path):
     grids = {}
     for tag, extra in (("base", []), ("tuned", ["--checkpoint", str(ckpts / "checkpoint-2")])):
         out = tmp_path / f"{tag}.png"
-        p = run_flowpo(
+        p = flowpo_main(
             "sample",
             "--model",
             str(run / "base_model"),
@@ -90,15 +85,15 @@ def test_three_epochs_then_resume(tmp_path):
         grids[tag] = np.asarray(Image.open(out), dtype=np.float32)
     assert np.abs(grids["base"] - grids["tuned"]).max() > 0
 
-    proc = run_flowpo(*args, "--train.epochs=5", "--resume", "latest")
+    proc = flowpo_main(*args, "--train.epochs=5", "--resume", "latest")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "at epoch 3" in proc.stdout
-    assert [r["epoch"] for r in _metrics(run)] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in train_rows(run)] == [0, 1, 2, 3, 4]
     assert (ckpts / "latest").read_text().strip() == "checkpoint-4"
 
 
 def test_tiny_flux_trains(tmp_path):
-    proc = run_flowpo(
+    proc = flowpo_main(
         "train",
         "-c",
         "configs/tiny_flux_jpeg.yaml",
@@ -106,16 +101,23 @@ def test_tiny_flux_trains(tmp_path):
         "--logging.run_name=flux",
         "--train.epochs=2",
         *COMMON,
+        *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = _metrics(tmp_path / "flux")
+    rows = train_rows(tmp_path / "flux")
     assert len(rows) == 2 and all(r["train/first_ratio_max_dev"] <= 1e-6 for r in rows)
+    # eval.at_start=false, eval.at_end=false: no start or end evaluation, and a summary without
+    summary = json.loads((tmp_path / "flux" / "summary.json").read_text())
+    assert "eval_start" not in summary and "eval_end" not in summary
+    assert "train_reward_first" in summary and "train_reward_last" in summary
+    assert not list((tmp_path / "flux").glob("samples_*.png"))
+    assert "== summary ==" in proc.stdout and "eval reward" not in proc.stdout
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_train_on_one_rank(tmp_path, stage):
     """engine.zero_stage picks the ds_configs/ template; LoRA trains under ZeRO-2 and ZeRO-3."""
-    proc = run_flowpo(
+    proc = flowpo_main(
         "train",
         "-c",
         "configs/tiny_sd3_jpeg.yaml",
@@ -124,9 +126,10 @@ def test_zero_stages_train_on_one_rank(tmp_path, stage):
         "--train.epochs=2",
         f"--engine.zero_stage={stage}",
         *COMMON,
+        *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = _metrics(tmp_path / "z")
+    rows = train_rows(tmp_path / "z")
     assert len(rows) == 2
     assert all(
         r["train/first_ratio_max_dev"] <= 1e-6 and math.isfinite(r["train/loss"]) for r in rows
@@ -142,14 +145,16 @@ def test_bf16_full_fine_tuning_with_kl(tmp_path):
     bf16 = ["--engine.precision=bf16", "--model.dtype=bfloat16"]
     full = ["--train.lora=false", "--train.learning_rate=1e-4", "--engine.zero_stage=2"]
     args = ["train", "-c", "configs/tiny_sd3_jpeg.yaml", f"--logging.run_dir={tmp_path}"]
-    proc = run_flowpo(*args, "--logging.run_name=bf", "--train.epochs=2", *COMMON, *bf16, *full)
+    proc = flowpo_main(
+        *args, "--logging.run_name=bf", "--train.epochs=2", *COMMON, *NO_EVAL, *bf16, *full
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = _metrics(tmp_path / "bf")
+    rows = train_rows(tmp_path / "bf")
     assert len(rows) == 2
     for r in rows:
         assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]), r
         assert r["train/first_ratio_max_dev"] <= 1e-3, r  # rollout and update share bf16 math
     assert rows[1]["train/kl"] > 0  # the policy moved away from its reference
-    bad = run_flowpo(*args, "--logging.run_name=bad", "--engine.precision=bf16", *COMMON)
+    bad = flowpo_main(*args, "--logging.run_name=bad", "--engine.precision=bf16", *COMMON)
     assert bad.returncode != 0
     assert "set model.dtype=bfloat16" in bad.stderr, bad.stderr[-2000:]

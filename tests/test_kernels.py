@@ -14,7 +14,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
-import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -495,29 +494,21 @@ def test_lora_gradient_through_the_kernel_matches_torch(tiny_dirs):
 
 
 def _train_rows(tmp_path, kernels):
-    args = [
-        "-m", "flowpo", "train", "-c", "configs/tiny_sd3_jpeg.yaml",
+    """One epoch through the CLI in this process (the kernel modules interpreted, as above)."""
+    from tests.conftest import NO_EVAL, flowpo_main, train_rows
+
+    _interpreted_modules()
+    proc = flowpo_main(
+        "train", "-c", "configs/tiny_sd3_jpeg.yaml",
         f"--logging.run_dir={tmp_path}", f"--logging.run_name={kernels}",
         f"--train.kernels={kernels}", "--train.epochs=1", "--train.beta=0.04",
         "--rollout.batch_size=4", "--rollout.num_batches=2", "--rollout.group_size=4",
         "--sampling.num_steps=4", "--logging.wandb=off", "--logging.progress=false",
-        "--eval.num_prompts=1", "--eval.seeds=0",
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-    }
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+        "--eval.num_prompts=1", "--eval.seeds=0", *NO_EVAL,
+        TRITON_INTERPRET="1",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = (tmp_path / kernels / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "train/loss" in r]
+    return train_rows(tmp_path / kernels)
 
 
 @pytest.mark.slow

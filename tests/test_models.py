@@ -22,12 +22,6 @@ PROMPTS = ["a photo of a red cat", "two blue squares above a green circle"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {fam: make_tiny(fam, str(root / fam), seed=0) for fam in ("sd3", "flux")}
-
-
-@pytest.fixture(scope="module")
 def sd3(tiny_dirs) -> ModelAdapter:
     return load_adapter("sd3", tiny_dirs["sd3"], guidance_scale=4.5)
 
@@ -84,6 +78,29 @@ def test_make_tiny_same_seed_same_weights(tiny_dirs, tmp_path):
     name = "transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(f"{tiny_dirs['sd3']}/{name}"), load_file(f"{again}/{name}")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_cache_gives_the_bytes_of_a_fresh_build(tmp_path, monkeypatch):
+    """`tiny:FAMILY` under $FLOWPO_TINY_CACHE: built once per (family, seed) in the cache and
+    copied into each run directory, file for file the bytes `make_tiny` writes fresh."""
+    from pathlib import Path
+
+    from flowpo.models.resolve import TINY_CACHE_ENV, resolve_model_path
+
+    def files(d):
+        return {str(f.relative_to(d)): f.read_bytes() for f in Path(d).rglob("*") if f.is_file()}
+
+    monkeypatch.setenv(TINY_CACHE_ENV, str(tmp_path / "cache"))
+    a = resolve_model_path("tiny:flux", tmp_path / "run_a", seed=1)
+    b = resolve_model_path("tiny:flux", tmp_path / "run_b", seed=1)
+    assert (
+        a == str(tmp_path / "run_a" / "base_model")
+        and len(list((tmp_path / "cache").iterdir())) == 1
+    )
+    fresh = files(make_tiny("flux", str(tmp_path / "fresh"), seed=1))
+    assert "model_index.json" in fresh and files(a) == fresh and files(b) == fresh
+    other = resolve_model_path("tiny:flux", tmp_path / "run_c", seed=2)  # another seed: built
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and files(other) != fresh
 
 
 def test_load_adapter_auto_detects_the_family(tiny_dirs):

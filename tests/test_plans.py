@@ -2,14 +2,9 @@
 the steps it declares, ODE steps draw no noise, windows move as specified, E-GRPO's merged
 transitions are deterministic and reach tau, branches share one prefix / one forward, the
 first re-scoring of every plan gives ratio == 1, and the trainer makes as many backward calls
-per optimizer step as DeepSpeed's accumulation count (checked in a subprocess that runs the
-real update with DeepSpeed)."""
+per optimizer step as DeepSpeed's accumulation count (the real update with DeepSpeed)."""
 
-import json
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -28,7 +23,7 @@ from flowpo.trainer.rollout import (
     shared_anchor_forward,
 )
 from flowpo.trainer.update import step_loss
-from tests.conftest import ENV, ROOT, add_active_lora
+from tests.conftest import add_active_lora, as_fresh_process
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -326,53 +321,44 @@ def test_shared_anchor_forward_runs_one_forward_per_prompt_with_gradients(sd3):
 
 # -- the trainer: accumulation count == backward calls, forward count, ratio == 1 ----------------
 
-_TRAINER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    from flowpo.config import load_config
+
+def _trainer_updates(model: str, run_dir) -> dict:
+    """One epoch's rollout and update of every plan through GRPOTrainer with DeepSpeed: the
+    transformer forwards (rows each), optimizer steps, sizes and the first ratio."""
     from flowpo.trainer.grpo import GRPOTrainer
-    model, run_dir = sys.argv[1], sys.argv[2]
+
     plans = {"full": [], "window": ["--rollout.window_size=2"],
-             "branch": ["--rollout.window_size=2"], "entropy": ["--rollout.entropy_tau=0.3"]}
+             "branch": ["--rollout.window_size=2"], "entropy": ["--rollout.entropy_tau=0.3"]}  # fmt: skip
     out = {}
     for name, extra in plans.items():
         cfg = load_config(None, [f"--model.path={model}", f"--logging.run_dir={run_dir}",
             f"--logging.run_name={name}", "--logging.wandb=off", "--logging.progress=false",
             "--rollout.batch_size=8", "--rollout.num_batches=2", "--sampling.num_steps=6",
-            "--train.steps_per_epoch=2", f"--rollout.plan={name}", *extra])
+            "--train.steps_per_epoch=2", f"--rollout.plan={name}", *extra])  # fmt: skip
         tr = GRPOTrainer(cfg)
         tr.setup()
         data = tr.rollout(0)
         adv, _ = tr.advantages(data)
-        rows = []
+        rows: list[int] = []
         hook = tr.engine.module.module.register_forward_pre_hook(
-            lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+            lambda m, a, kw, rows=rows: rows.append(kw["hidden_states"].shape[0]),
+            with_kwargs=True,
+        )
         metrics = tr.update(data, adv, 0)
         hook.remove()
         out[name] = dict(rows=rows, opt_steps=tr.engine.optimizer_steps, sizes=tr.sizes,
                          K=data.rollout.num_trained, R=data.rollout.images_per_sample,
                          n_rewards=data.rewards.numel(), n_groups=len(set(data.group_ids.tolist())),
-                         first_dev=metrics["train/first_ratio_max_dev"])
+                         first_dev=metrics["train/first_ratio_max_dev"])  # fmt: skip
         tr.pool.shutdown()
         tr.logger.close()
-    torch.distributed.destroy_process_group()
-    print("RESULT " + json.dumps(out))
-    """
-)
+        tr.signals.restore()
+    return out
 
 
 def test_trainer_backward_calls_match_accumulation_and_one_forward_per_anchor(tiny_dirs, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRAINER_SCRIPT, tiny_dirs["sd3"], str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(lines[0][7:])
+    with as_fresh_process():  # the trainer's process group is closed after
+        res = _trainer_updates(tiny_dirs["sd3"], tmp_path)
     n, mb, g = 16, 8, 4  # samples per rank per epoch, micro-batch, group size
     for name, r in res.items():
         # DeepSpeed stepped exactly steps_per_epoch times: its accumulation count equals the

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,15 @@ from flowpo.models.qwen_image import (
     unpack_latents,
 )
 from flowpo.models.tiny import make_tiny
-from tests.conftest import ENV, ROOT, add_active_lora, run_flowpo
+from tests.conftest import (
+    NO_EVAL,
+    ROOT,
+    add_active_lora,
+    as_fresh_process,
+    flowpo_main,
+    tiny_model,
+    train_rows,
+)
 
 # different token counts: the per-row masks and the padding are exercised
 PROMPTS = ["a photo of a red cat", "two blue squares above a green circle"]
@@ -31,8 +36,8 @@ G = 4.0  # Flow-GRPO's Qwen-Image true-CFG scale
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> str:
-    return make_tiny("qwen-image", str(tmp_path_factory.mktemp("tiny") / "qwen"), seed=0)
+def qwen_dir(tmp_path_factory, tiny_cache) -> str:
+    return tiny_model(tiny_cache, "qwen-image", tmp_path_factory.mktemp("tiny") / "qwen")
 
 
 @pytest.fixture(scope="module")
@@ -348,48 +353,45 @@ def test_rollouts_sample_and_first_rescore_ratio_is_exactly_one_with_cfg(qwen_di
 
 
 # ---- through the trainer --------------------------------------------------------------------
-_EPOCH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
+def _one_epoch(run_dir) -> dict:
+    """One LoRA and one full (beta > 0) update of the tiny recipe through GRPOTrainer, in this
+    process: which parameters moved, which are trainable, the first ratio, the loss."""
     from flowpo.config import load_config
     from flowpo.trainer.grpo import GRPOTrainer
-    run_dir = sys.argv[1]
+
     out = {}
     for mode, extra in {"lora": [], "full": ["--train.lora=false", "--train.beta=0.04"]}.items():
         cfg = load_config("configs/tiny_qwen_image_jpeg.yaml", [f"--logging.run_dir={run_dir}",
             f"--logging.run_name={mode}", "--logging.wandb=off", "--logging.progress=false",
-            "--train.learning_rate=1e-3", *extra])
+            "--train.learning_rate=1e-3", *extra])  # fmt: skip
         tr = GRPOTrainer(cfg)
         tr.setup()
         pipe, policy = tr.adapter.pipe, tr.engine.module.module
         mods = {"transformer": policy, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         before = {f"{m}:{n}": p.detach().clone() for m, mod in mods.items()
-                  for n, p in mod.named_parameters()}
+                  for n, p in mod.named_parameters()}  # fmt: skip
         data = tr.rollout(0)
         adv, _ = tr.advantages(data)
         metrics = tr.update(data, adv, 0)
-        after = {f"{m}:{n}": p.detach() for m, mod in mods.items() for n, p in mod.named_parameters()}
+        after = {
+            f"{m}:{n}": p.detach() for m, mod in mods.items() for n, p in mod.named_parameters()
+        }
         out[mode] = dict(
             changed=sorted(k for k in before if not torch.equal(before[k], after[k])),
             trainable=sorted(f"transformer:{n}" for n, p in policy.named_parameters()
                              if p.requires_grad),
             first_dev=metrics["train/first_ratio_max_dev"], loss=metrics["train/loss"],
-            masked=bool((data.embeds.mask == 0).any()), cfg=tr.adapter.cfg_active)
+            masked=bool((data.embeds.mask == 0).any()), cfg=tr.adapter.cfg_active)  # fmt: skip
         tr.pool.shutdown()
         tr.logger.close()
-    torch.distributed.destroy_process_group()
-    print("RESULT " + json.dumps(out))
-    """
-)
+        tr.signals.restore()
+    return out
 
 
 @pytest.mark.slow
 def test_one_lora_epoch_and_one_full_epoch_change_the_intended_parameters_only(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _EPOCH_SCRIPT, str(tmp_path)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(lines[0][7:])
+    with as_fresh_process():  # the trainer's process group is closed after
+        res = _one_epoch(tmp_path)
     for mode, r in res.items():
         # with CFG, per-row masks, the random window: the first re-score reproduces the rollout
         assert r["cfg"] and r["masked"] and r["first_dev"] <= 1e-6, (mode, r["first_dev"])
@@ -411,13 +413,12 @@ def test_one_lora_epoch_and_one_full_epoch_change_the_intended_parameters_only(t
 
 @pytest.mark.slow
 def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
-    proc = run_flowpo("train", "-c", "configs/tiny_qwen_image_jpeg.yaml",
-                      f"--logging.run_dir={tmp_path}", "--logging.run_name=q",
-                      "--logging.wandb=off", "--logging.progress=false", "--train.epochs=2",
-                      timeout=600)  # fmt: skip
+    proc = flowpo_main("train", "-c", "configs/tiny_qwen_image_jpeg.yaml",
+                       f"--logging.run_dir={tmp_path}", "--logging.run_name=q",
+                       "--logging.wandb=off", "--logging.progress=false", "--train.epochs=2",
+                       *NO_EVAL)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [json.loads(ln) for ln in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "train/loss" in r]
+    rows = train_rows(tmp_path / "q")
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["train/first_ratio_max_dev"] <= 1e-6 for r in rows)
     lora = tmp_path / "q" / "checkpoints" / "checkpoint-1" / "trainable.safetensors"
@@ -433,7 +434,7 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
     from flowpo.trainer.checkpoint import load_trainable
 
     ckpt, out = lora.parent, tmp_path / "export"
-    p = run_flowpo("export", str(ckpt), str(out))
+    p = flowpo_main("export", str(ckpt), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     base = str(tmp_path / "q" / "base_model")
     policy = load_adapter("qwen_image", base, guidance_scale=4.0, resolution=32)
@@ -459,6 +460,7 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
 def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold0, tmp_path):
     from safetensors.torch import load_file
 
+    from tests.dist_update import run_cases
     from tests.test_distributed import _run, _torchrun
 
     common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
@@ -470,11 +472,11 @@ def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold
         "full_z3": [*common, "--train.lora=false", *z3],
     }
     script = str(ROOT / "tests" / "dist_update.py")
-    res = {}
-    for n, cases in ((1, one), (2, two)):
-        out = tmp_path / f"w{n}.pt"
-        _run(_torchrun(n, script, qwen_dir, str(out), json.dumps(cases), "tiny_qwen_image_jpeg"))
-        res.update(torch.load(out, weights_only=False))
+    with as_fresh_process():  # the one-rank reference, in this process
+        res = run_cases(qwen_dir, one, tmp_path / "runs", "tiny_qwen_image_jpeg")
+    out = tmp_path / "w2.pt"
+    _run(_torchrun(2, script, qwen_dir, str(out), json.dumps(two), "tiny_qwen_image_jpeg"))
+    res.update(torch.load(out, weights_only=False))
     base = load_file(str(Path(qwen_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)
     assert max(float((res["full"]["weights"][k] - base[k]).abs().max()) for k in base) > 1e-5

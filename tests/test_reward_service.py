@@ -486,9 +486,10 @@ def test_masked_samples_get_zero_advantage_and_leave_group_stats():
 
 
 def test_training_through_a_served_reward_masks_failed_samples(tmp_path):
-    """`flowpo train` (subprocess) scores through a service that cannot score every 4th image;
-    under failure=mask the run finishes, those samples are counted and left out."""
-    from tests.conftest import run_flowpo
+    """`flowpo train` (in this process, the service on a thread) scores through a service that
+    cannot score every 4th image; under failure=mask the run finishes, those samples are counted
+    and left out."""
+    from tests.conftest import flowpo_main
 
     seen = []
 
@@ -500,7 +501,7 @@ def test_training_through_a_served_reward_masks_failed_samples(tmp_path):
 
     with LoopbackServer(create_app([flaky_jpeg])) as srv:
         opts = f'{{jpeg_incompressibility: {{url: "{srv.url}", failure: mask, batch_size: 4}}}}'
-        proc = run_flowpo(
+        proc = flowpo_main(
             "train",
             "-c",
             "configs/tiny_sd3_jpeg.yaml",
@@ -515,7 +516,6 @@ def test_training_through_a_served_reward_masks_failed_samples(tmp_path):
             "--eval.seeds=0,1",
             "--train.epochs=1",
             f"--reward.options={opts}",
-            timeout=300,
         )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [

@@ -381,7 +381,7 @@ class GRPOTrainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.time()
-        if "eval_start" not in self.history:
+        if cfg.eval.at_start and "eval_start" not in self.history:
             self.history["eval_start"] = eval_numbers(self.evaluate("start", self.start_epoch))
         last = None
         for epoch in range(self.start_epoch, cfg.train.epochs):
@@ -405,8 +405,9 @@ class GRPOTrainer:
                 self._stop(sig, epoch)
         if last is not None:
             self.save_checkpoint(last)
-        end = self.evaluate("end", cfg.train.epochs - 1)
-        self.history["eval_end"] = eval_numbers(end)
+        end = self.evaluate("end", cfg.train.epochs - 1) if cfg.eval.at_end else None
+        if end is not None:
+            self.history["eval_end"] = eval_numbers(end)
         return finish_run(
             self.run_dir,
             self.history,

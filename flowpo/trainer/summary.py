@@ -24,17 +24,20 @@ def eval_numbers(res: EvalResult) -> dict:
 def finish_run(
     run_dir: Path,
     history: dict,
-    end: EvalResult,
+    end: EvalResult | None,
     seconds: float,
     *,
     reward_names: list[str],
     rank: int,
 ) -> dict:
     """The run's summary from its history (eval_start, eval_end, train_reward per epoch); rank 0
-    also writes summary.json and the curves under run_dir and prints it."""
+    also writes summary.json and the curves under run_dir and prints it. A run without a start
+    or end evaluation (eval.at_start / eval.at_end false; `end` is None) has no such entry and
+    prints no reward or accuracy comparison."""
     h = history
-    start = h["eval_start"]
-    summary = {"eval_start": start, "eval_end": h["eval_end"], "seconds": seconds}
+    start = h.get("eval_start")
+    summary = {k: h[k] for k in ("eval_start", "eval_end") if k in h}
+    summary["seconds"] = seconds
     if h.get("train_reward"):
         summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
         summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
@@ -49,7 +52,7 @@ def finish_run(
             [("reward_mean", "reward_std"), ("eval/reward_mean", None)],
             title=f"reward ({', '.join(reward_names)})",
         )
-        if end.accuracy:
+        if end is not None and end.accuracy:
             plot_curves(
                 metrics,
                 run_dir / "accuracy_curve.png",
@@ -57,11 +60,12 @@ def finish_run(
                 title="held-out strict accuracy (ODE, fixed seeds)",
             )
     print0("\n== summary ==", rank=0)
-    print0(
-        f"eval reward (ODE, fixed seeds): start {start['reward_mean']:.4f} ± "
-        f"{start['reward_std']:.4f} -> end {end.reward_mean:.4f} ± {end.reward_std:.4f}",
-        rank=0,
-    )
+    before = f"start {start['reward_mean']:.4f} ± {start['reward_std']:.4f}" if start else ""
+    after = f"end {end.reward_mean:.4f} ± {end.reward_std:.4f}" if end is not None else ""
+    if before or after:
+        print0(
+            f"eval reward (ODE, fixed seeds): {' -> '.join(filter(None, (before, after)))}", rank=0
+        )
     if "train_reward_first" in summary:
         print0(
             f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
@@ -69,7 +73,7 @@ def finish_run(
             f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
             rank=0,
         )
-    if end.accuracy:
+    if start is not None and end is not None and end.accuracy:
         before = EvalResult(
             start["reward_mean"],
             start["reward_std"],
