@@ -258,7 +258,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
             f"--logging.run_dir={tmp_path}",
             f"--logging.run_name={name}",
             "--rollout.batch_size=4",
-            "--rollout.num_batches=4",
+            "--rollout.num_batches=2",
             "--train.epochs=4",
             "--train.lora=false",
             "--train.learning_rate=1e-4",
