@@ -26,9 +26,9 @@ from flowpo.rewards.geneval_rules import (  # noqa: F401  (re-exported: the shap
 )
 from flowpo.tasks.shapes.world import (
     BACKGROUND,
-    COLORS,
     MAX_SIDE,
     MIN_SIDE,
+    PALETTE,
     SHAPES,
     shape_mask,
 )
@@ -38,8 +38,8 @@ COLOR_DIST = 110.0  # max RGB distance from a palette colour to count as that co
 # max RMS distance of a component's 3x3 fill grid from its nearest template: rendered shapes
 # lie within 0.11 of their own template and at least 0.22 from any other (see the test)
 SHAPE_DIST = 0.16
-_PALETTE = np.array([BACKGROUND, *COLORS.values()], np.float32)  # (1 + C, 3)
-_NAMES = ["background", *COLORS]
+_PALETTE = np.array([BACKGROUND, *PALETTE.values()], np.float32)  # (1 + C, 3)
+_NAMES = ["background", *PALETTE]
 
 
 def _to_uint8(image: Any) -> np.ndarray:

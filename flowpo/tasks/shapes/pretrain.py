@@ -40,7 +40,7 @@ from flowpo.tasks.shapes.world import SIZE, TAGS, render, splits
 
 SIGMA_SHIFT = 1.0  # pretraining sigmas and the saved scheduler (see "scheduler" below)
 # fraction of each tag's training scenes whose caption is wrong in the way described above
-CAPTION_NOISE = {"position": 0.75, "counting": 0.6, "color_attr": 0.4}
+CAPTION_NOISE = {"position": 0.5, "counting": 0.4, "color_attr": 0.3}
 STATE_FILE = "pretrain_state.pt"
 
 BASE_CONFIG: dict[str, Any] = {
@@ -182,6 +182,7 @@ def pretrain(
     ema_decay: float = 0.999,
     caption_noise: dict[str, float] | None = None,
     compile: bool = True,
+    uniform_sigma: float = 0.5,
     resume: bool = False,
     stop_at: int = 0,
     log=print,
@@ -217,6 +218,7 @@ def pretrain(
         "ema_decay": ema_decay,
         "caption_noise": noise,
         "compile": compile,
+        "uniform_sigma": uniform_sigma,
     }
     if resume:
         state_path = out / STATE_FILE
@@ -282,8 +284,14 @@ def pretrain(
         # empty prompts teach the unconditional velocity, so CFG can be used at sampling
         prompts = ["" if rng.random() < text_dropout else m["prompt"] for m in metas]
         pe, pooled = _encode(pipe, prompts)
-        # logit-normal (SD3's sampling), shifted like the saved scheduler
-        sigma = shift_sigmas(torch.sigmoid(torch.randn(batch_size)), sigma_shift)
+        # logit-normal (SD3's sampling) mixed with uniform: logit-normal alone rarely draws
+        # sigma < 0.1, where the last sampling step cleans edges and colours; shifted like the
+        # saved scheduler
+        u = torch.rand(batch_size)
+        ln = torch.sigmoid(torch.randn(batch_size))
+        sigma = shift_sigmas(
+            torch.where(u < uniform_sigma, torch.rand(batch_size), ln), sigma_shift
+        )
         eps = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps

@@ -4,7 +4,7 @@ Vocabulary: 5 shapes x 4 colours on a white 32x32 canvas, counts 1-4, four relat
 Prompts follow GenEval's six tags and its metadata format (arXiv 2310.11513): each prompt has
 `include` clauses {class, count[, color][, position: [relation, clause_index]]} and, for
 counting, an `exclude` clause {class, count: n+1}. The renderer draws a prompt's scene with
-random sizes, colours (where the prompt leaves them free) and non-touching placement.
+black ink where the prompt names no colour, and random non-touching placement.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ COLORS = {
     "blue": (40, 60, 220),
     "yellow": (235, 200, 20),
 }
+# objects whose colour the prompt leaves free are drawn in black ink, as line art: a colour
+# appears only when the prompt names one, so an unconditioned image is not a blend of colours
+# (a tiny model's ODE samples of "any colour" came out as mixed, ragged blobs)
+DEFAULT_COLOR = "black"
+PALETTE = {**COLORS, DEFAULT_COLOR: (30, 30, 30)}  # drawable colours
 BACKGROUND = (255, 255, 255)
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
@@ -43,7 +48,9 @@ HELDOUT_PER_TAG = {
     "color_attr": 8,
 }
 SPLIT_SEED = 1234
-MIN_SIDE, MAX_SIDE = 8, 11  # object bounding-box side in pixels
+# object bounding-box side in pixels: one size (9 px), so a drawing varies only in what the
+# prompt leaves free (placement); up to 6 objects fit (3 per row with the gap)
+MIN_SIDE, MAX_SIDE = 9, 9
 GAP = 2  # minimum free pixels between objects, so components never touch
 
 
@@ -205,7 +212,7 @@ def draw(objs: list[Obj]) -> np.ndarray:
     img[:] = BACKGROUND
     for o in objs:
         m = shape_mask(o.shape, o.side)
-        img[o.y0 : o.y0 + o.side, o.x0 : o.x0 + o.side][m] = COLORS[o.color]
+        img[o.y0 : o.y0 + o.side, o.x0 : o.x0 + o.side][m] = PALETTE[o.color]
     return img
 
 
@@ -236,7 +243,7 @@ def scene_for(meta: dict[str, Any], rng: random.Random, max_tries: int = 200) ->
                 side = rng.randint(MIN_SIDE, MAX_SIDE)
                 o = Obj(
                     shape,
-                    color or rng.choice(list(COLORS)),
+                    color or DEFAULT_COLOR,
                     rng.randint(0, SIZE - side),
                     rng.randint(0, SIZE - side),
                     side,
