@@ -231,6 +231,9 @@ class EvalConfig:
     """Initial-noise seeds: every prompt is sampled once per seed (ODE, deterministic)."""
     grid_prompts: int = 8
     """Prompts shown in the sample grids (rows); columns are the seeds (at most 8)."""
+    train_prompts: int = 0
+    """Also evaluate this many training prompts (spread evenly over the training set, first 8
+    seeds), reported beside the held-out accuracy as eval_train/*; 0 = off."""
 
 
 @dataclass

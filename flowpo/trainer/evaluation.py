@@ -33,6 +33,7 @@ class EvalResult:
     # fraction of prompts whose rewards over their first min(8, seeds) seeds are not all equal:
     # how many groups of a GRPO epoch on these prompts would carry a signal (NaN: < 2 seeds)
     spread: float = float("nan")
+    train: EvalResult | None = None  # the training-prompt evaluation (eval.train_prompts)
 
     def overall_se(self) -> float:
         """Standard error of the overall accuracy (GenEval's mean over tags): binomial per tag,
@@ -54,7 +55,41 @@ class EvalResult:
             out["eval/group_spread"] = self.spread
         if self.masked:
             out["eval/masked"] = float(self.masked)
+        if self.train is not None:
+            out.update(
+                {"eval_train/" + k[len("eval/") :]: v for k, v in self.train.metrics().items()}
+            )
         return out
+
+    def numbers(self) -> dict:
+        """The JSON-able numbers (kept in the run history and summary.json)."""
+        out = {
+            "reward_mean": self.reward_mean,
+            "reward_std": self.reward_std,
+            "num_samples": self.num_samples,
+            "accuracy": self.accuracy,
+            "counts": self.counts,
+            "detail_means": self.detail_means,
+            "spread": self.spread,
+        }
+        if self.train is not None:
+            out["train"] = self.train.numbers()
+        return out
+
+    @classmethod
+    def from_numbers(cls, d: dict) -> EvalResult:
+        res = cls(
+            d["reward_mean"],
+            d["reward_std"],
+            d["num_samples"],
+            dict(d.get("accuracy", {})),
+            dict(d.get("counts", {})),
+            detail_means=dict(d.get("detail_means", {})),
+            spread=d.get("spread", float("nan")),
+        )
+        if "train" in d:
+            res.train = cls.from_numbers(d["train"])
+        return res
 
 
 def eval_items(cfg: Config) -> tuple[list[str], list[dict]]:
@@ -65,6 +100,19 @@ def eval_items(cfg: Config) -> tuple[list[str], list[dict]]:
         prompts, metas = load_prompt_items(cfg.rollout.prompt_file, cfg.rollout.prompts)
     if e.num_prompts:
         prompts, metas = prompts[: e.num_prompts], metas[: e.num_prompts]
+    return prompts, metas
+
+
+TRAIN_EVAL_SEEDS = 8  # seeds per training prompt in the training-prompt evaluation
+
+
+def train_eval_items(cfg: Config, n: int) -> tuple[list[str], list[dict]]:
+    """n training prompts spread evenly over the training set (which lists prompts tag by tag,
+    so every tag is represented), for reporting training-prompt accuracy beside held-out."""
+    prompts, metas = load_prompt_items(cfg.rollout.prompt_file, cfg.rollout.prompts)
+    if n and n < len(prompts):
+        pick = [round(i * (len(prompts) - 1) / max(1, n - 1)) for i in range(n)]
+        prompts, metas = [prompts[i] for i in pick], [metas[i] for i in pick]
     return prompts, metas
 
 
@@ -88,14 +136,23 @@ def save_sample(save_dir: Path, i: int, k: int, image: torch.Tensor) -> None:
 
 @torch.no_grad()
 def run_eval(
-    adapter, reward, cfg: Config, *, show_progress: bool = False, save_dir: Path | None = None
+    adapter,
+    reward,
+    cfg: Config,
+    *,
+    show_progress: bool = False,
+    save_dir: Path | None = None,
+    items: tuple[list[str], list[dict]] | None = None,
+    seeds: list[int] | None = None,
 ) -> EvalResult:
     """Sample every eval prompt once per seed with the ODE and score the images; with
-    `save_dir`, also write every image in GenEval's layout (sample k = the k-th seed)."""
-    prompts, metas = eval_items(cfg)
+    `save_dir`, also write every image in GenEval's layout (sample k = the k-th seed).
+    items / seeds: other (prompts, metadata) and seeds than the config's eval set (e.g. the
+    training-prompt evaluation)."""
+    prompts, metas = items if items is not None else eval_items(cfg)
     if save_dir is not None:
         write_geneval_layout(Path(save_dir), prompts, metas)
-    seeds = list(cfg.eval.seeds)
+    seeds = list(cfg.eval.seeds if seeds is None else seeds)
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
     steps = cfg.sampling.eval_num_steps or cfg.sampling.num_steps
     bs = max(cfg.rollout.batch_size, 16)
@@ -213,7 +270,7 @@ def drawing_table(before: dict[str, float] | None, after: EvalResult) -> str:
     if math.isfinite(after.spread):
         b = before.get("spread", float("nan")) if before else float("nan")
         prev = f"{b:.1%} -> " if math.isfinite(b) else ""
-        lines.append(f"{'prompts with reward spread over 8 seeds':<44}{prev}{after.spread:.1%}")
+        lines.append(f"{'prompts with reward spread across seeds':<44}{prev}{after.spread:.1%}")
     return "\n".join(lines)
 
 

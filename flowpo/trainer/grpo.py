@@ -31,7 +31,13 @@ from flowpo.trainer.checkpoint import (
 from flowpo.trainer.data import KRepeatSampler, load_prompt_items
 from flowpo.trainer.ema import TrainingEMA
 from flowpo.trainer.engine import Collectives, Engine, close_distributed, init_distributed
-from flowpo.trainer.evaluation import EvalResult, run_eval, save_eval_grid
+from flowpo.trainer.evaluation import (
+    TRAIN_EVAL_SEEDS,
+    EvalResult,
+    run_eval,
+    save_eval_grid,
+    train_eval_items,
+)
 from flowpo.trainer.preflight import preflight
 from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas, sample_rollout
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
@@ -336,19 +342,29 @@ class GRPOTrainer:
         self.engine.module.eval()
         with self.ema.scope():  # EMA weights (when train.ema) for evaluation
             res = run_eval(self.adapter, self.reward, self.cfg, show_progress=self.show)
+            if n := self.cfg.eval.train_prompts:
+                res.train = run_eval(
+                    self.adapter,
+                    self.reward,
+                    self.cfg,
+                    items=train_eval_items(self.cfg, n),
+                    seeds=self.cfg.eval.seeds[:TRAIN_EVAL_SEEDS],
+                )
         if self.rank == 0:
             path = save_eval_grid(res, self.run_dir / f"samples_{tag}.png")
             if path is not None:
                 self.logger.log_image(f"samples/{tag}", path, step=epoch)
             self.logger.log(res.metrics(), step=epoch)
         acc = res.accuracy.get("overall")
+        train_acc = res.train.accuracy.get("overall") if res.train is not None else None
         print0(
             f"eval [{tag}] reward {res.reward_mean:.4f} ± {res.reward_std:.4f}"
             + (
                 f" | strict accuracy {acc:.3f} ({res.num_samples} samples)"
                 if acc is not None
                 else ""
-            ),
+            )
+            + (f" | training prompts {train_acc:.3f}" if train_acc is not None else ""),
             rank=self.rank,
         )
         return res
@@ -423,13 +439,24 @@ class GRPOTrainer:
             [stats["reward_mean"], stats["reward_std"]]
         )
         self.logger.log(metrics, step=epoch)
+        zero = stats.get("zero_std_ratio", 0.0)
         print0(
             f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
             f" | loss {metrics['train/loss']:+.2e} | clipfrac "
             f"{metrics['train/clipfrac_high'] + metrics['train/clipfrac_low']:.3f}"
-            f" | {metrics['time/epoch_s']:.1f}s",
+            f" | no-spread groups {zero:.0%} | {metrics['time/epoch_s']:.1f}s",
             rank=self.rank,
         )
+        # groups whose rewards are all equal have advantage 0: when (nearly) every group is
+        # like that, the update has no signal and only the optimizer's momentum moves weights
+        if zero >= 0.9:
+            print0(
+                f"warning: epoch {epoch}: {zero:.0%} of the groups have no reward spread, so "
+                "their advantages are 0 and this epoch teaches nothing; the reward cannot tell "
+                "this policy's samples apart (a denser reward, more samples per group, or more "
+                "sampling noise help)",
+                rank=self.rank,
+            )
 
     def close(self, clean: bool = True) -> None:
         """Release workers, sinks and the process group (no barrier after a failure: the other

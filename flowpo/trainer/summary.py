@@ -6,19 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flowpo.trainer.evaluation import EvalResult, accuracy_table
+from flowpo.trainer.evaluation import EvalResult, accuracy_table, drawing_table
 from flowpo.trainer.tracking import plot_curves, print0
 
 
 def eval_numbers(res: EvalResult) -> dict:
     """The JSON-able numbers of an evaluation (kept in the trainer state for resume)."""
-    return {
-        "reward_mean": res.reward_mean,
-        "reward_std": res.reward_std,
-        "num_samples": res.num_samples,
-        "accuracy": res.accuracy,
-        "counts": res.counts,
-    }
+    return res.numbers()
 
 
 def finish_run(
@@ -74,14 +68,17 @@ def finish_run(
             rank=0,
         )
     if start is not None and end is not None and end.accuracy:
-        before = EvalResult(
-            start["reward_mean"],
-            start["reward_std"],
-            start["num_samples"],
-            start["accuracy"],
-            start["counts"],
-        )
+        before = EvalResult.from_numbers(start)
         print0(f"strict accuracy per tag ({end.num_samples} samples):", rank=0)
         print0(accuracy_table(before, end), rank=0)
+        if end.train is not None and before.train is not None and end.train.accuracy:
+            print0(
+                f"training prompts, strict accuracy per tag ({end.train.num_samples} samples):",
+                rank=0,
+            )
+            print0(accuracy_table(before.train, end.train), rank=0)
+        if drawing := drawing_table(start, end):
+            print0("drawing statistics (held-out), before -> after:", rank=0)
+            print0(drawing, rank=0)
     print0(f"wall time {seconds:.0f}s; run directory: {run_dir}", rank=0)
     return summary
