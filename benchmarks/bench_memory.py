@@ -279,7 +279,7 @@ on every GPU (column `encoders`; a prompt-embedding cache lets the text encoders
 DeepSpeed buckets of ds_configs/zero{{2,3}}.json and, under ZeRO-3, the largest block gathered.
 Counts come from the real classes on the meta device with the published configs. LoRA: SD3.5-M
 and Qwen-Image on the SD3 adapter's attention projections, FLUX.1 on the FLUX adapter's
-attention + MLP projections, Bagel on the generation expert's projections (BAGEL.md §9); Bagel
+attention + MLP projections, Bagel on the generation expert's projections (docs/bagel.md §9); Bagel
 full fine-tuning trains the generation expert only (6.53B of 14.17B)."""
 
 

@@ -8,7 +8,7 @@ the evaluations themselves are left out, so runs with different `eval.every` com
 and writes OUT.csv (run, epoch, wall seconds, eval reward, overall and per-tag accuracy) and
 OUT.png (overall accuracy against minutes, one line per run). It prints the table too.
 Nothing is timed here: the times are what the runs measured; compare only runs made under the
-same load (the README says which ran side by side).
+same load (docs/results.md says which ran side by side).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "serve-reward",
-        help="serve one reward model over HTTP (JSON + base64 PNG; see README)",
+        help="serve one reward model over HTTP (JSON + base64 PNG; see docs/reward-service.md)",
         description="POST /score {images: [base64 PNG], prompts, metadata} -> {scores, details}; "
         "GET /health. Loopback by default; one worker (model replica) per GPU. The trainer "
         "uses it with --reward.options='{NAME: {url: http://HOST:PORT}}'.",

@@ -54,7 +54,7 @@ class SamplingConfig:
     guidance_scale: float = 1.0
     """CFG scale (SD3, batched [neg; pos]) or distilled guidance (FLUX)."""
     noise_level: float = 0.7
-    """SDE noise level a (ALGORITHMS.md §1)."""
+    """SDE noise level a (docs/algorithms.md §1)."""
     sde_type: str = "flow"
     """flow | cps | dance."""
     logprob_reduce: str = "mean"
@@ -146,7 +146,7 @@ class TrainConfig:
     """Re-scoring/loss kernels: auto (Triton on CUDA, torch elsewhere) | triton | torch."""
     ratio_norm: bool = False
     """GRPO-Guard RatioNorm: log-ratio = mean_D(eps * (mu_theta - mu_old)), eps the rollout
-    noise; the rollout stores its SDE means for it (ALGORITHMS.md §5)."""
+    noise; the rollout stores its SDE means for it (docs/algorithms.md §5)."""
     gradient_reweight: bool = False
     """GRPO-Guard: divide each step's policy loss by |dt| (squared batch mean of sqrt|dt|)."""
     ema: bool = False

@@ -88,7 +88,7 @@ T5_XXL = dict(
     feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
 )
 # stable-diffusion-3.5-medium vae/config.json and FLUX.1-dev vae/config.json: the same
-# 16-channel AutoencoderKL without quant convs (Bagel's ae.safetensors is FLUX's, BAGEL.md §6)
+# 16-channel AutoencoderKL without quant convs (Bagel's ae.safetensors is FLUX's, docs/bagel.md §6)
 VAE_16CH = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -112,16 +112,16 @@ QWEN_IMAGE_VAE = dict(
     base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
     temperal_downsample=[False, True, True],
 )
-# ByteDance-Seed/BAGEL-7B-MoT llm_config.json = Qwen2.5-7B-Instruct (BAGEL.md §1), with the
+# ByteDance-Seed/BAGEL-7B-MoT llm_config.json = Qwen2.5-7B-Instruct (docs/bagel.md §1), with the
 # overrides the official code applies: untied lm_head; qk-norm and the MoT `*_moe_gen`
-# duplicates are added in `_bagel` (BAGEL.md §2)
+# duplicates are added in `_bagel` (docs/bagel.md §2)
 BAGEL_LLM = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
     num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
 )
 # fmt: on
-BAGEL_MAX_LATENT_SIZE = 64  # latent_pos_embed rows = 64² (BAGEL.md §1)
-BAGEL_PATCH_DIM = 64  # 2² × 16 latent channels (BAGEL.md §1)
+BAGEL_MAX_LATENT_SIZE = 64  # latent_pos_embed rows = 64² (docs/bagel.md §1)
+BAGEL_PATCH_DIM = 64  # 2² × 16 latent channels (docs/bagel.md §1)
 
 
 # -- meta-device builders -----------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _qwen_image() -> dict[str, nn.Module]:
 
 
 def _bagel() -> dict[str, nn.Module]:
-    """Bagel-7B-MoT's T2I module tree with the state-dict names of BAGEL.md §2: transformers'
+    """Bagel-7B-MoT's T2I module tree with the state-dict names of docs/bagel.md §2: transformers'
     Qwen2 (q/k/v with bias, o without) plus qk-norms and the generation expert's `*_moe_gen`
     copies of every attention projection, MLP and norm, and the latent heads. The SigLIP ViT
     and connector serve understanding only and are not built (Flow-GRPO: visual_und=False)."""
@@ -205,7 +205,7 @@ def _bagel() -> dict[str, nn.Module]:
 
 
 def _bagel_gen_only(name: str) -> bool:
-    # Flow-GRPO's full fine-tuning of Bagel trains only the generation expert (BAGEL.md §9)
+    # Flow-GRPO's full fine-tuning of Bagel trains only the generation expert (docs/bagel.md §9)
     return "moe_gen" in name
 
 
@@ -230,13 +230,13 @@ def _adapter_targets(family: str) -> list[str]:
         "sd3": SD3Adapter,
         "flux": FluxAdapter,
         "qwen_image": QwenImageAdapter,
-        "bagel": BagelAdapter,  # BAGEL.md §9: the generation expert's projections
+        "bagel": BagelAdapter,  # docs/bagel.md §9: the generation expert's projections
     }
     return list(adapters[family].lora_targets)
 
 
 # LoRA ranks: Flow-GRPO's SD3.5/FLUX recipes (configs/*_flow_grpo_*.yaml: r 32), Qwen-Image's
-# (configs/qwen_image_pickscore.yaml: r 64 on the adapter's targets) and Bagel's (BAGEL.md §9:
+# (configs/qwen_image_pickscore.yaml: r 64 on the adapter's targets) and Bagel's (docs/bagel.md §9:
 # r 64).
 MODELS: dict[str, ModelSpec] = {
     "SD3.5-M": ModelSpec(

@@ -1,6 +1,6 @@
 """Step math of flow-matching samplers: ODE/SDE steps, log-probabilities and sigma schedules.
 
-The one copy of these formulas (ALGORITHMS.md §1), at the bottom of the package: the rollout
+The one copy of these formulas (docs/algorithms.md §1), at the bottom of the package: the rollout
 sampler and the trainer call the checked functions (`sde_step_with_logprob`, `sde_std`, ...),
 and `flowpo.kernels.reference`, the spec the fused kernels are tested against, calls the
 unchecked ones (`step_std`, `step_increment`, `log_density`). It imports nothing but torch.
@@ -222,7 +222,8 @@ def sde_std(
     sde_type: str,
     sigma_max: float | Tensor | None = None,
 ) -> Tensor:
-    """Std of the Gaussian transition of one SDE step (ALGORITHMS.md §1; formulas at `step_std`).
+    """Std of the Gaussian transition of one SDE step (docs/algorithms.md §1; formulas at
+    `step_std`).
 
     Args are floats or (B,) tensors; returns float32, shape (B,) if any argument is (B,),
     else 0-dim. Zero std (a = 0, or cps at sigma_next = 0) is returned as is.

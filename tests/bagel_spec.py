@@ -1,4 +1,4 @@
-"""Bagel's velocity for one sample, BAGEL.md §3-§4 read literally (float64), written
+"""Bagel's velocity for one sample, docs/bagel.md §3-§4 read literally (float64), written
 independently of flowpo/models/bagel: the official token order [text | start | latents | end],
 the expert chosen per token, the explicit attention mask, grouped-query attention head by head.
 Only the state dict (official names) is shared with the module under test."""
@@ -15,7 +15,7 @@ def _rms(x, w, eps):
 
 
 def spec_velocity(sd, cfg, x, t, ids, soi, eoi, grid_hw, max_latent):
-    """One sample, BAGEL.md §3-§4 read literally, float64: the official token order
+    """One sample, docs/bagel.md §3-§4 read literally, float64: the official token order
     [text | start | latents | end], per-token expert choice, explicit mask, manual GQA."""
     silu = torch.nn.functional.silu
     hdim, nh, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads

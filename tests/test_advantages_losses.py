@@ -1,4 +1,5 @@
-"""Advantages (ALGORITHMS.md §3) and the clipped objective / KL (§4) against hand computations."""
+"""Advantages (docs/algorithms.md §3) and the clipped objective / KL (§4) against hand
+computations."""
 
 from __future__ import annotations
 

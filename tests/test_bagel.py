@@ -1,8 +1,8 @@
 """Bagel (flowpo/models/bagel): official state-dict names and checkpoint layout, the MoT forward
-against an independent reading of BAGEL.md, schedule / CFG renorm / position-table facts, batch
+against an independent reading of docs/bagel.md, schedule / CFG renorm / position-table facts, batch
 behaviour, LoRA and full fine-tuning scopes, and training through the CLI (ratio == 1 with CFG).
 
-The expected names, shapes and equations below are transcribed from ../shared/design/BAGEL.md
+The expected names, shapes and equations below are transcribed from docs/bagel.md
 (§ numbers cited), not from the module code."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tests.bagel_spec import spec_velocity
 from tests.conftest import NO_EVAL, flowpo_main
 
-# BAGEL.md §2, per-layer table: name suffix -> shape in the symbols of §1
+# docs/bagel.md §2, per-layer table: name suffix -> shape in the symbols of §1
 PER_LAYER = {
     "self_attn.q_proj.weight": ("q_out", "H"),
     "self_attn.q_proj.bias": ("q_out",),
@@ -49,7 +49,7 @@ PER_LAYER = {
     "post_attention_layernorm.weight": ("H",),
     "post_attention_layernorm_moe_gen.weight": ("H",),
 }
-# BAGEL.md §2, global and generation heads
+# docs/bagel.md §2, global and generation heads
 GLOBAL = {
     "language_model.model.embed_tokens.weight": ("V", "H"),
     "language_model.model.norm.weight": ("H",),
@@ -107,7 +107,7 @@ def test_state_dict_keys_and_shapes_equal_the_official_naming(bagel_dir):
     }
     file_sd = load_file(f"{bagel_dir}/ema.safetensors")
     want = expected_shapes(cfg, cfg["vocab_size"], TINY_MAX_LATENT_SIZE)
-    assert len(want) == 28 * 2 + 13 == 69  # BAGEL.md §8
+    assert len(want) == 28 * 2 + 13 == 69  # docs/bagel.md §8
     assert {k: tuple(v.shape) for k, v in file_sd.items()} == want
     # the module's own state dict (no RoPE buffer: it is non-persistent, §2)
     from flowpo.models.base import load_adapter
@@ -126,7 +126,7 @@ def test_state_dict_keys_and_shapes_equal_the_official_naming(bagel_dir):
     } <= {p.name for p in Path(bagel_dir).iterdir()}
 
 
-# Qwen2.5-7B-Instruct's config.json, which BAGEL.md §1 takes llm_config.json to be (its values
+# Qwen2.5-7B-Instruct's config.json, which docs/bagel.md §1 takes llm_config.json to be (its values
 # are [UNVERIFIED] there as the literal file; the field set is the Qwen2 one transformers writes)
 QWEN25_7B_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -156,7 +156,7 @@ QWEN25_7B_CONFIG = {
 
 
 def test_full_size_module_has_the_797_official_tensors_and_expert_split(tmp_path):
-    """Bagel-7B-MoT's own config (Qwen2.5-7B, BAGEL.md §1) read by the loader and built on the
+    """Bagel-7B-MoT's own config (Qwen2.5-7B, docs/bagel.md §1) read by the loader and built on the
     meta device: the names and shapes of §2's tables, 14.17B parameters of which 6.53B are
     `moe_gen` (§9)."""
     from flowpo import memory
@@ -183,7 +183,7 @@ def test_flux_autoencoder_bfl_names_and_diffusers_round_trip(bagel_dir):
     from flowpo.models.bagel.checkpoint import bfl_vae_shapes, load_flux_vae
     from flowpo.models.bagel.tiny import TINY_VAE
 
-    assert len(bfl_vae_shapes()) == 244  # FLUX.1's ae.safetensors (BAGEL.md §6)
+    assert len(bfl_vae_shapes()) == 244  # FLUX.1's ae.safetensors (docs/bagel.md §6)
     ae = load_file(f"{bagel_dir}/ae.safetensors")
     assert {k: tuple(v.shape) for k, v in ae.items()} == bfl_vae_shapes(**TINY_VAE)
     assert not any("quant_conv" in k for k in ae)
@@ -277,7 +277,7 @@ def test_packed_batched_forward_matches_the_spec_read_literally(adapter):
 def test_schedule_and_timestep_shift_match_bagel():
     from flowpo.models.bagel.adapter import shift_schedule
 
-    # BAGEL.md §4 step 6: S = 6 timesteps (5 evaluations), s = 3
+    # docs/bagel.md §4 step 6: S = 6 timesteps (5 evaluations), s = 3
     want = torch.tensor([1.0, 0.9231, 0.8182, 0.6667, 0.4286, 0.0])
     torch.testing.assert_close(shift_schedule(5, 3.0), want, atol=1e-4, rtol=0)
 
@@ -415,7 +415,7 @@ def test_lora_targets_wrap_only_the_generation_expert(bagel_dir):
 def test_full_finetuning_scope_is_the_moe_gen_expert(adapter):
     names = [n for n, _ in adapter.trainable_module.named_parameters()]
     gen = [n for n in names if adapter.full_trainable(n)]
-    # BAGEL.md §9: 14 tensors per layer + norm_moe_gen
+    # docs/bagel.md §9: 14 tensors per layer + norm_moe_gen
     assert len(gen) == 14 * 2 + 1 and all("moe_gen" in n for n in gen)
 
 
@@ -455,7 +455,7 @@ def _train(tmp_path, name, *extra):
 def test_lora_epochs_ratio_one_with_cfg_and_only_lora_moves(tmp_path):
     run, rows = _train(tmp_path, "lora", "--train.epochs=2")
     assert len(rows) == 2
-    # ALGORITHMS.md §6.4 with text CFG 4 + renorm: the first re-score reproduces the rollout
+    # docs/algorithms.md §6.4 with text CFG 4 + renorm: the first re-score reproduces the rollout
     assert all(r["train/first_ratio_max_dev"] <= 1e-6 for r in rows)
     sd = load_file(str(run / "checkpoints" / "checkpoint-1" / "trainable.safetensors"))
     assert sd and all("lora_" in k and "moe_gen" in k for k in sd)

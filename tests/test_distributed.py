@@ -1,5 +1,5 @@
 """Multi-rank DeepSpeed on CPU (gloo), real launchers: ZeRO-2/3 partitioning and update
-equivalence (ALGORITHMS.md §6.7), ratio == 1 under 2-rank ZeRO-3 with CFG and β > 0, the
+equivalence (docs/algorithms.md §6.7), ratio == 1 under 2-rank ZeRO-3 with CFG and β > 0, the
 `deepspeed` launcher, exact resume after SIGKILL, SIGTERM checkpointing, export round trips.
 Runs that need a process boundary (launchers, several ranks, signals) start fresh processes; the
 one-rank references, exports and resumes run in this process (conftest.flowpo_main)."""

@@ -1,4 +1,4 @@
-"""GRPO-Guard (ALGORITHMS.md §5, §6 invariant 5) and the EMA of trainable weights.
+"""GRPO-Guard (docs/algorithms.md §5, §6 invariant 5) and the EMA of trainable weights.
 
 RatioNorm's closed form mean_D(eps * dmu) equals the long form (logp - logp_old +
 mean_D(dmu^2) / (2 s^2)) * s on real SDE steps of every type, and is exactly 0 when the policy

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §6 invariant 4 at the adapter level: re-scoring a stored rollout with the
+"""docs/algorithms.md §6 invariant 4 at the adapter level: re-scoring a stored rollout with the
 unchanged LoRA policy gives ratio == 1 exactly (tiny SD3 with CFG, tiny FLUX), through the
 trainer's own per-transition loss (`trainer.update.step_loss`, kernel dispatch included)."""
 

@@ -2,11 +2,12 @@
 Triton's interpreter: forward and gradient of both ops against the reference on the same inputs
 and against float64, every SDE type and reduce mode, float32/bfloat16/float16 inputs, odd D,
 broadcast samples; every output element written (buffers are poisoned); gradcheck of the
-references; RatioNorm closed form == long form (ALGORITHMS.md §6.5, §6.6); backend dispatch;
+references; RatioNorm closed form == long form (docs/algorithms.md §6.5, §6.6); backend dispatch;
 and one training epoch with kernels=triton == kernels=torch.
 
 TRITON_INTERPRET=1 is set below before anything imports the kernel modules: Triton picks
-interpreter or compiler when `@triton.jit` runs (ENVIRONMENT.md). Only this module imports them.
+interpreter or compiler when `@triton.jit` runs (docs/environment.md). Only this module imports
+them.
 """
 
 import os
@@ -162,7 +163,8 @@ def test_guard_reference_gradcheck_float64(sde_type):
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
 def test_ratio_norm_closed_form_equals_long_form(sde_type, reduce):
-    """ALGORITHMS.md §5: (logp - logp_old + reduce_D(dmu^2) / (2 s^2)) * s == reduce_D(eps * dmu)
+    """docs/algorithms.md §5:
+    (logp - logp_old + reduce_D(dmu^2) / (2 s^2)) * s == reduce_D(eps * dmu)
     (float64); and dmu == 0 gives exactly 0."""
     x, v, xn, s, sn, a = (t.double() for t in make_step(4, (6, 5), sde_type, seed=4))
     v_old = v + 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).double()

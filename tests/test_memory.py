@@ -93,7 +93,7 @@ def test_lora_base_is_frozen_weight_and_only_adapters_carry_optimizer_state():
         ("FLUX.1-dev", 11.9e9, 0.01),
         # Qwen-Image technical report: a 20B MMDiT
         ("Qwen-Image", 20e9, 0.03),
-        # BAGEL.md §1: ema.safetensors ≈ 14.17B (T2I tree, no ViT)
+        # docs/bagel.md §1: ema.safetensors ≈ 14.17B (T2I tree, no ViT)
         ("Bagel-7B-MoT", 14.17e9, 0.005),
     ],
 )
@@ -104,8 +104,8 @@ def test_real_parameter_counts_match_published(model, published, rel):
 
 def test_bagel_tree_matches_spec_and_active_params_are_qwen2_7b():
     c = memory.count_model("Bagel-7B-MoT")
-    assert len(c.policy) == 28 * 28 + 13  # BAGEL.md §2: 797 LLM and generation tensors
-    assert c.trainable_full_total == pytest.approx(6.53e9, rel=0.005)  # BAGEL.md §9
+    assert len(c.policy) == 28 * 28 + 13  # docs/bagel.md §2: 797 LLM and generation tensors
+    assert c.trainable_full_total == pytest.approx(6.53e9, rel=0.005)  # docs/bagel.md §9
     # per token one expert is active: total minus the generation copies ≈ Qwen2.5-7B (7.6B)
     assert c.policy_total - c.trainable_full_total == pytest.approx(7.6e9, rel=0.02)
 

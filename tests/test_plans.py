@@ -1,4 +1,4 @@
-"""Rollout plans (ALGORITHMS.md §2; §6 invariants 4 and 8): each plan stores and trains exactly
+"""Rollout plans (docs/algorithms.md §2; §6 invariants 4 and 8): each plan stores and trains exactly
 the steps it declares, ODE steps draw no noise, windows move as specified, E-GRPO's merged
 transitions are deterministic and reach tau, branches share one prefix / one forward, the
 first re-scoring of every plan gives ratio == 1, and the trainer makes as many backward calls

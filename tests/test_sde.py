@@ -1,4 +1,4 @@
-"""Step math of flowpo.sde against ALGORITHMS.md §1 and invariants 1-3 of §6."""
+"""Step math of flowpo.sde against docs/algorithms.md §1 and invariants 1-3 of §6."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _inputs(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 def _ref_mean_std64(x, v, sigma, sigma_next, a, sde_type, sigma_max):
-    """ALGORITHMS.md §1 written out literally in float64; sigmas (B,), x/v (B, ...)."""
+    """docs/algorithms.md §1 written out literally in float64; sigmas (B,), x/v (B, ...)."""
     x, v = x.double(), v.double()
     s, sn, a = (torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in (sigma, sigma_next, a))
     col = (-1,) + (1,) * (x.ndim - 1)

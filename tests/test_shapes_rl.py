@@ -6,7 +6,7 @@ standard errors over its first epoch.
 
 The statistical check uses the dense `jpeg_incompressibility` reward: with the GenEval-rule
 `shapes` reward the per-epoch spread (std ~0.4 over 64 images) hides the rise of a short run
-(README, "Shapes world")."""
+(docs/results.md, "Shapes world")."""
 
 import json
 import math

@@ -1,6 +1,6 @@
 """Fused Triton kernels for re-scoring stored SDE steps, and their torch references.
 
-Public API (ALGORITHMS.md §1, §5):
+Public API (docs/algorithms.md §1, §5):
 - `sde_step_logprob(sample, velocity, prev_sample, sigma, sigma_next, noise_level, *, sde_type,
   reduce, sigma_max, mean_out, cps_legacy_scale)` -> log_prob (B,) [, mean]; grad into velocity.
 - `guard_clipped_loss(velocity, sample, prev_sample, mean_old, sigma, sigma_next, noise_level,

@@ -16,7 +16,7 @@ import triton.language as tl
 # development) — sweep with benchmarks/bench_kernels.py on the target GPU and record it here.
 GPU_BLOCK = 2048
 GPU_WARPS = 4
-# Interpreter: ~1.5 ms per program instance (ENVIRONMENT.md), and numpy is fast on big blocks,
+# Interpreter: ~1.5 ms per program instance (docs/environment.md), and numpy is fast on big blocks,
 # so a whole row (up to 2^17 elements) per program.
 INTERPRETER_MAX_BLOCK = 1 << 17
 FINALIZE_BLOCK = 1024  # partial sums per row read per iteration of a finalize kernel
@@ -24,8 +24,8 @@ FINALIZE_BLOCK = 1024  # partial sums per row read per iteration of a finalize k
 
 @triton.jit
 def step_coefficients(s, s_next, a, sigma_max, SDE_TYPE: tl.constexpr):
-    """The step as an affine map of (x, v): mu - x = cx * x + cv * v; and its std (ALGORITHMS.md
-    §1; per sample, float32). SDE_TYPE: 0 flow, 1 cps, 2 dance (`_args.SDE_CODES`)."""
+    """The step as an affine map of (x, v): mu - x = cx * x + cv * v; and its std
+    (docs/algorithms.md §1; per sample, float32). SDE_TYPE: 0 flow, 1 cps, 2 dance (`_args.SDE_CODES`)."""
     dt = s_next - s
     if SDE_TYPE == 0:
         # flow: mu - x = [v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)] dt; sigma~ = sigma_max

@@ -1,4 +1,5 @@
-"""Fused GRPO-Guard loss: RatioNorm clipped objective with gradient reweight (ALGORITHMS.md §5).
+"""Fused GRPO-Guard loss: RatioNorm clipped objective with gradient reweight (docs/algorithms.md
+§5).
 
 Per sample b, with the step's mu_theta = x + cx_b x + cv_b v and std s_b:
     z_b = mean_D(eps * (mu_theta - mu_old)),  eps = (x' - mu_old) / s_b   (normalised log-ratio;

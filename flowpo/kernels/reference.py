@@ -1,6 +1,6 @@
 """Torch references of the fused ops: what the kernels must compute, in float32 or float64.
 
-The step formulas are `flowpo.sde`'s (ALGORITHMS.md §1), the same functions the trainer's torch
+The step formulas are `flowpo.sde`'s (docs/algorithms.md §1), the same functions the trainer's torch
 path calls; this module puts them behind the kernels' arguments (prev_sample given, `sample`
 broadcastable from (S, ...)), checks, errors and dtypes: it computes in float32, or in float64
 when an input is float64, so tests compare the kernels against it in float32 and against
@@ -111,7 +111,7 @@ def sde_step_logprob_ref(
     return (log_prob, mean.reshape(velocity.shape)) if mean_out else log_prob
 
 
-# --- GRPO-Guard (ALGORITHMS.md §5) -------------------------------------------------------------
+# --- GRPO-Guard (docs/algorithms.md §5) -----------------------------------------------------------
 
 
 def guard_math(

@@ -2,8 +2,8 @@
 
 Re-scoring a stored transition (x, x') with a fresh velocity v is, per sample b,
     mu = x + cx_b x + cv_b v,   log_prob_b = -reduce_D((x' - mu)^2) q_b - n (log std_b + ½ log 2π)
-with per-sample coefficients (cx, cv, std) of the SDE type (ALGORITHMS.md §1; q = 1 / (2 std^2),
-or q = 1 and no constants on the legacy CPS scale; n = 1 for reduce="mean", D for "sum").
+with per-sample coefficients (cx, cv, std) of the SDE type (docs/algorithms.md §1;
+q = 1 / (2 std^2), or q = 1 and no constants on the legacy CPS scale; n = 1 for reduce="mean", D for "sum").
 Eager torch makes a dozen passes over (B, D); here:
 
 - `_sde_logprob_fwd_kernel`, grid (B, D / BLOCK): reads x, v, x' once, writes each block's

@@ -82,8 +82,8 @@ def score(
     single- and two-object prompts): one per class the prompt names (exactly as many objects of
     it as its clauses ask for) and one for every named class present with no object of a class
     the prompt does not name. Without the "exactly" an empty canvas earned these points, and a
-    policy trained on that learned to draw nothing (README, "Shapes world"). They change the
-    partial credit only; strict correctness stays GenEval's.
+    policy trained on that learned to draw nothing (docs/results.md, "Shapes world"). They
+    change the partial credit only; strict correctness stays GenEval's.
     """
     by_class: dict[str, list[Detection]] = {}
     for d in detections:

@@ -15,7 +15,7 @@ NOT_SUPPORTED = (
     "reward 'imagereward' is not supported: the ImageReward loader (package image-reward 1.5) "
     "fetches its BERT tokenizer from the hub at load time, unpickles its checkpoint, and pins "
     "timm/fairscale versions that conflict with flowpo's stack. Serve it yourself behind the flowpo reward "
-    "protocol (POST /score, see README 'Rewards and reward services') and set "
+    "protocol (POST /score, see docs/reward-service.md) and set "
     "reward.options.imagereward.url, or use pickscore / aesthetic / unifiedreward."
 )
 

@@ -1,4 +1,4 @@
-"""Group-normalised advantages (ALGORITHMS.md §3).
+"""Group-normalised advantages (docs/algorithms.md §3).
 
 A group is the G images of one prompt (or the G branches of one branch point). Rewards come in
 already gathered across ranks: with `global_std` the std is over everything passed in, so the

@@ -60,7 +60,7 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def close_distributed(barrier: bool = True) -> None:
-    # gloo sometimes aborts a rank at exit when the group is left open (ENVIRONMENT.md)
+    # gloo sometimes aborts a rank at exit when the group is left open (docs/environment.md)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if barrier:
             torch.distributed.barrier()

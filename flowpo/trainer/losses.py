@@ -1,4 +1,4 @@
-"""Clipped policy objective and KL to the reference policy (ALGORITHMS.md §4), plain torch.
+"""Clipped policy objective and KL to the reference policy (docs/algorithms.md §4), plain torch.
 
 Shapes: B samples (one trained step of one image each), D latent elements.
 """
@@ -113,7 +113,7 @@ def kl_to_reference(
     return sq / (2 * sigma_t.square())
 
 
-# -- GRPO-Guard (ALGORITHMS.md §5) ----------------------------------------------------------------
+# -- GRPO-Guard (docs/algorithms.md §5) ------------------------------------------------------------
 
 
 def ratio_norm_log_ratio(

@@ -1,7 +1,7 @@
 """Rollout plans: which steps of a rollout are stochastic, merged, shared, stored and trained.
 
 A plan turns (the sigma schedule, the epoch, the sampling batch) into a `StepPlan`
-(ALGORITHMS.md §2). The sampler in rollout.py follows that declaration, the trainer consumes
+(docs/algorithms.md §2). The sampler in rollout.py follows that declaration, the trainer consumes
 what the sampler stores, and neither asks for the plan's name. Plans are registered by name
 (`rollout.plan` in a recipe):
 

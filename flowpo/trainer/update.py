@@ -1,5 +1,5 @@
 """The policy update of one stored transition: re-score it under the current policy, then the
-clipped objective (ALGORITHMS.md §4) with GRPO-Guard's RatioNorm and gradient reweighting (§5)
+clipped objective (docs/algorithms.md §4) with GRPO-Guard's RatioNorm and gradient reweighting (§5)
 and the KL to the reference policy. The trainer calls `step_loss` once per (micro-batch, trained
 transition) and backpropagates its loss; the invariant tests call the same functions, so they
 check the path that trains, kernel dispatch included.

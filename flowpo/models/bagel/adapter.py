@@ -1,4 +1,4 @@
-"""Bagel-7B-MoT adapter: a local directory in the official layout (BAGEL.md §1).
+"""Bagel-7B-MoT adapter: a local directory in the official layout (docs/bagel.md §1).
 
 Text conditioning is the packed text segment `<|im_start|> prompt <|im_end|>` (no chat
 template, §3): PromptEmbeds carries its token ids, and the embedding lookup and the text
@@ -27,7 +27,7 @@ from flowpo.models.base import ModelAdapter, PromptEmbeds, register_model
 
 log = logging.getLogger(__name__)
 
-# BAGEL.md §9 (Flow-GRPO's pickscore_bagel_lora): the generation expert's projections only
+# docs/bagel.md §9 (Flow-GRPO's pickscore_bagel_lora): the generation expert's projections only
 BAGEL_LORA_TARGETS = [
     "self_attn.q_proj_moe_gen",
     "self_attn.k_proj_moe_gen",
@@ -82,7 +82,7 @@ class BagelAdapter(ModelAdapter):
         cfg_renorm_type: str = "global",
         max_text_tokens: int = 512,
     ) -> None:
-        """Defaults are the T2I settings of BAGEL.md §7 as Flow-GRPO uses them: shift 3, text
+        """Defaults are the T2I settings of docs/bagel.md §7 as Flow-GRPO uses them: shift 3, text
         CFG at every step (interval [0, 1]; the official notebook uses [0.4, 1]), global
         renorm with min 0. `resolution` (square, a multiple of 16, ≤ 16·max_latent_size)
         defaults to 16·max_latent_size (1024 px). These are the recipe's `model.options`."""
@@ -150,7 +150,7 @@ class BagelAdapter(ModelAdapter):
         return {"vae": self.vae}
 
     def full_trainable(self, name: str) -> bool:
-        """Full fine-tuning trains the generation expert only (Flow-GRPO, BAGEL.md §9)."""
+        """Full fine-tuning trains the generation expert only (Flow-GRPO, docs/bagel.md §9)."""
         from flowpo.models.bagel.modeling import is_gen_param
 
         return is_gen_param(name)

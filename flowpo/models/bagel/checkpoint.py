@@ -1,4 +1,4 @@
-"""Reading and writing the official Bagel model directory (BAGEL.md §1, §2, §6).
+"""Reading and writing the official Bagel model directory (docs/bagel.md §1, §2, §6).
 
 Layout (`ByteDance-Seed/BAGEL-7B-MoT`): `llm_config.json` (a Qwen2 config), `ema.safetensors`
 (the whole Bagel state dict, official names), `ae.safetensors` (the FLUX.1 autoencoder in the

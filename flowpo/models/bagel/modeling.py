@@ -1,5 +1,5 @@
 """Bagel-7B-MoT image generation: flowpo's own implementation, written from
-`../shared/design/BAGEL.md` (its section numbers are cited as §n); no code is copied from the
+`docs/bagel.md` (its section numbers are cited as §n); no code is copied from the
 official ByteDance-Seed/Bagel repository or Flow-GRPO's Bagel integration.
 
 Bagel is a Qwen2.5-7B decoder with a second set of weights per layer (Mixture-of-Transformers):

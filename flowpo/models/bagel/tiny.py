@@ -1,6 +1,6 @@
 """A tiny random Bagel in the official directory layout (`flowpo make-tiny bagel DIR`).
 
-Sizes follow BAGEL.md §8: Qwen2 decoder hidden 64, 2 layers, 4 heads, 2 KV heads (head dim 16),
+Sizes follow docs/bagel.md §8: Qwen2 decoder hidden 64, 2 layers, 4 heads, 2 KV heads (head dim 16),
 MLP 128; max_latent_size 8 (images up to 128 px); z = 16 latent channels, patch 2 (P = 64);
 FLUX-layout autoencoder with ch 32, ch_mult [1, 1, 1, 1] (keeps ×8), 1 res-block per level.
 Norm weights and `llm2vae` are randomised (the official init zeroes `llm2vae`, which would give

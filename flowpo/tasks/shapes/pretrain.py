@@ -63,7 +63,8 @@ BASE_CONFIG: dict[str, Any] = {
     # shift 1. At 32x32 an object averages the noise over ~100 pixels, so its outline is still
     # readable near sigma 0.9 and the first Euler step commits to the initial noise's blobs.
     # Shift 3 (SD3's, in training and sampling) was measured not to fix that and to score lower:
-    # 0.196 held-out strict accuracy after 5000 steps against 0.228 (README, "Shapes world").
+    # 0.196 held-out strict accuracy after 5000 steps against 0.228 (docs/results.md, "Shapes
+    # world").
     "scheduler": dict(num_train_timesteps=1000, shift=SIGMA_SHIFT),
 }
 
