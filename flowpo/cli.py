@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate a model (+ optional checkpoint): reward, per-tag accuracy, grids",
         description="ODE-samples every eval prompt once per eval seed and scores the images. "
-        "Defaults: the shapes world's held-out prompts x 14 seeds with the `shapes` reward "
+        "Defaults: the shapes world's held-out prompts x 17 seeds with the `shapes` reward "
         "(strict GenEval-rule accuracy per tag). Any config field can be overridden, e.g. "
         "--eval.prompt_file=prompts.jsonl --reward.weights=shapes:1 --eval.seeds=0,1,2",
     )
