@@ -79,7 +79,8 @@ class RolloutConfig:
     num_batches: int = 2
     """Sampling batches per rank per epoch."""
     timestep_fraction: float = 1.0
-    """full plan: share of the SDE steps that are trained (first floor(T*fraction))."""
+    """full plan: share of the SDE steps that are trained (first floor(T*fraction)). nft: K =
+    floor(T*fraction) training times per sample; awm: its strata span steps [1, T*fraction)."""
     window_size: int = 2
     """window / branch plans: w, the SDE steps (stored and trained) after the window start."""
     window_range: list[int] = field(default_factory=list)
@@ -113,6 +114,10 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
+    algorithm: str = "grpo"
+    """grpo (Flow-GRPO family: SDE rollouts, log-probs, clipped ratio) | nft (DiffusionNFT:
+    forward-process flow matching on clean ODE samples, docs/algorithms.md §7) | awm
+    (Advantage Weighted Matching, §8). nft/awm settings: the `forward` section."""
     epochs: int = 150
     learning_rate: float = 1e-2
     """AdamW lr. The default suits the tiny CPU demo; real-model recipes set their own
@@ -134,7 +139,8 @@ class TrainConfig:
     clip_range_high: float = -1.0
     """Asymmetric upper epsilon; <0 = clip_range."""
     beta: float = 0.0
-    """KL weight; 0 skips the reference forward entirely."""
+    """KL weight; 0 skips the reference forward entirely. nft/awm: weight of
+    mean_D((v_theta - v_ref)^2) (docs/algorithms.md §7)."""
     kl_estimator: str = "flow_grpo"
     """flow_grpo (published) | exact."""
     adv_clip_max: float = 5.0
@@ -162,6 +168,40 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
+
+
+@dataclass
+class ForwardConfig:
+    """train.algorithm = nft | awm: forward-process RL on clean samples (docs/algorithms.md §7,
+    §8). Defaults are the published SD3.5-M settings."""
+
+    nft_beta: float = 1.0
+    """DiffusionNFT beta: v+ = v_old + beta (v_theta - v_old), v- = v_old - beta (...); 1.0
+    published (GenEval, PickScore), 0.1 for OCR and the multi-reward run."""
+    adaptive_weighting: bool = True
+    """nft: the paper's self-normalised x0-space loss weight; false = plain velocity MSE."""
+    old_decay_rate: float = 0.001
+    """Old-policy (EMA) decay eta = min(rate * max(n - delay, 0), max), n = optimizer steps;
+    old <- eta old + (1 - eta) theta after every epoch."""
+    old_decay_max: float = -1.0
+    """Cap of eta; < 0 = the algorithm's published value (nft 0.5, awm 0.3)."""
+    old_decay_delay: int = 0
+    """Optimizer steps before eta leaves 0 (DiffusionNFT OCR: 75, rate 0.0075, max 0.999)."""
+    num_times: int = 0
+    """K training times per sample; 0 = floor(T * rollout.timestep_fraction) (schedule times),
+    one less (stratified). AWM published 6 (T = 14, fraction 0.9)."""
+    times: str = "auto"
+    """auto (nft: schedule, awm: stratified) | schedule (per sample, K of the rollout's sigmas
+    without replacement) | stratified (one step index per stratum, shared by the batch)."""
+    awm_weighting: str = "ghuber"
+    """AWM time weighting of the flow-matching log-likelihood: uniform | t | t2 | ghuber."""
+    awm_ghuber_power: float = 0.25
+    awm_clip_range: float = 1.0
+    """AWM ratio clip epsilon (published 1.0)."""
+    awm_adv_scale: float = 1.0
+    """AWM advantages are A / train.adv_clip_max * this (published advantage_max = 1)."""
+    awm_ema_beta: float = 1.0
+    """AWM weight of mean_D((v_theta - v_ema)^2), the KL to the EMA (old) policy."""
 
 
 @dataclass
@@ -250,6 +290,7 @@ SECTIONS = {
     "sampling": SamplingConfig,
     "rollout": RolloutConfig,
     "train": TrainConfig,
+    "forward": ForwardConfig,
     "reward": RewardConfig,
     "engine": EngineConfig,
     "logging": LoggingConfig,
@@ -263,7 +304,10 @@ _CHOICES = {
     ("sampling", "sde_type"): ("flow", "cps", "dance"),
     ("sampling", "logprob_reduce"): ("mean", "sum"),
     ("rollout", "window_placement"): ("random", "progressive", "fixed"),
+    ("train", "algorithm"): ("grpo", "nft", "awm"),
     ("train", "kl_estimator"): ("flow_grpo", "exact"),
+    ("forward", "times"): ("auto", "schedule", "stratified"),
+    ("forward", "awm_weighting"): ("uniform", "t", "t2", "ghuber"),
     ("train", "kernels"): ("auto", "triton", "torch"),
     ("engine", "zero_stage"): (0, 2, 3),
     ("engine", "precision"): ("fp32", "bf16"),
@@ -277,6 +321,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -9,6 +9,7 @@ resumes from it and how its trained weights are applied to a model (sample, eval
         trainable.safetensors    the trained weights, gathered: LoRA (peft names) or full
         trainable_ema.safetensors  the EMA of those weights (train.ema runs)
         ema_rank{R}.pt           each rank's EMA state, for resume
+        old_policy_rank{R}.pt    nft/awm: each rank's old (EMA) policy, for resume
         rng_rank{R}.pt           each rank's python / numpy / torch / CUDA RNG states
         trainer_state.json       epoch, lora, partial, history (evaluations, train rewards)
         config.yaml              the run's resolved config
@@ -191,11 +192,13 @@ def save_checkpoint(
     cfg: Config,
     history: dict,
     ema: EMA | None = None,
+    states: dict | None = None,
 ) -> Path:
     """Write checkpoint-{epoch} of the run (collective). Everything goes to a temporary
     directory first; rank 0 writes the manifest last, renames it into place, then moves the
     `latest` pointer and prunes to checkpoint.keep_last_n, so an interrupted save is never
-    taken for a complete one."""
+    taken for a complete one. states: the algorithm's per-rank state (name -> object with
+    save/load, e.g. DiffusionNFT's old policy), written as {name}_rank{rank}.pt."""
     root = run_dir / "checkpoints"
     final = checkpoint_dir(run_dir, epoch)
     tmp = root / f".tmp-checkpoint-{epoch}"
@@ -207,6 +210,8 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")
     if ema is not None:
         save_ema(tmp, ema, engine.rank, engine.trainable_state_dict)
+    for name, state in (states or {}).items():
+        state.save(tmp / f"{name}_rank{engine.rank}.pt")
     trainable = engine.trainable_state_dict()
     if engine.is_rank0:
         from safetensors.torch import save_file
@@ -243,7 +248,10 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def resume(
-    ckpt: Path, engine: Engine, ema: Callable[[], EMA | None] = lambda: None
+    ckpt: Path,
+    engine: Engine,
+    ema: Callable[[], EMA | None] = lambda: None,
+    states: Callable[[], dict] = dict,
 ) -> tuple[int, dict]:
     """Load a checkpoint into a set-up trainer (collective): the engine's state, this rank's RNG
     states, and the EMA's state; `ema()` is called after the weights are loaded, so an EMA
@@ -258,6 +266,14 @@ def resume(
     averaged = ema()
     if averaged is not None:
         load_ema(ckpt, averaged, engine.rank)
+    for name, state in states().items():  # built after the weights are loaded, like the EMA
+        path = ckpt / f"{name}_rank{engine.rank}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{ckpt} has no {path.name} (train.algorithm needs its {name}); resume it with "
+                "the train.algorithm and world size that wrote it"
+            )
+        state.load(path)
     print0(f"resumed from {ckpt} at epoch {start_epoch}", rank=engine.rank)
     return start_epoch, history
 

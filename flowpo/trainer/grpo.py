@@ -8,7 +8,6 @@ collective live in the Engine, the checkpoint format in `checkpoint`, one transi
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from flowpo.config import Config
 from flowpo.models.resolve import resolve_model_path, torch_dtype
 from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
+from flowpo.trainer.algorithms import build_algorithm
 from flowpo.trainer.checkpoint import (
     checkpoint_dir,
     checkpoint_problem,
@@ -39,12 +39,11 @@ from flowpo.trainer.evaluation import (
     train_eval_items,
 )
 from flowpo.trainer.preflight import preflight
-from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas, sample_rollout
+from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
 from flowpo.trainer.startup import check_reward_services_on_every_rank, check_same_config
 from flowpo.trainer.summary import eval_numbers, finish_run
 from flowpo.trainer.tracking import RunLogger, print0, progress, resolve_run_dir
-from flowpo.trainer.update import reference_policy, step_loss
 
 __all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
 
@@ -53,7 +52,7 @@ __all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
 class EpochData:
     items: list  # (N,) PromptItem of this rank
     embeds: object  # PromptEmbeds, N rows
-    rollout: Rollout  # N samples x K trained transitions, R images each
+    rollout: Rollout  # N samples x K trained items, R images each (nft/awm: CleanRollout)
     rewards: torch.Tensor  # (N*R,) weighted reward per image, sample-major
     details: dict[str, torch.Tensor]  # reward name -> (N*R,)
     group_ids: torch.Tensor  # (N*R,) advantage groups: prompt draw x R (E-GRPO: branch point)
@@ -113,7 +112,8 @@ class GRPOTrainer:
         )
         self._prepare_frozen_parts(prompts)
         self.plan = build_plan(cfg)
-        self.num_trained, self.images_per_sample = self._plan_shape()
+        self.algo = build_algorithm(self)  # train.algorithm: the few methods the loop calls
+        self.num_trained, self.images_per_sample = self.algo.plan_shape()
         self.sizes = cfg.derived_sizes(self.world, self.num_trained, self.images_per_sample)
         self.engine = Engine(
             cfg,
@@ -139,7 +139,9 @@ class GRPOTrainer:
         self.start_epoch, self.history = 0, {}
         if cfg.checkpoint.resume:
             ckpt = find_checkpoint(cfg.checkpoint.resume, self.run_dir)
-            self.start_epoch, self.history = resume(ckpt, self.engine, ema=self.ema.get)
+            self.start_epoch, self.history = resume(
+                ckpt, self.engine, ema=self.ema.get, states=self.algo.states
+            )
         self.signals = StopSignals(self.rank)
         self.signals.install()
         print0(f"run directory: {self.run_dir}", rank=self.rank)
@@ -191,11 +193,6 @@ class GRPOTrainer:
         self.sigma_max = float(sigmas[1])
         return sigmas
 
-    def _plan_shape(self) -> tuple[int, int]:
-        """(K trained transitions, R images) per sample; the same for every epoch and batch."""
-        plan = self.plan.step_plan(self.schedule(), 0, 0)
-        return len(plan.trained), plan.images_per_sample
-
     # -- rollout and score ------------------------------------------------------------------------
     def _score(self, images, prompts, metadata):
         """The reward on a worker thread, timed: (RewardOutput, seconds)."""
@@ -204,7 +201,8 @@ class GRPOTrainer:
         return out, time.perf_counter() - t0
 
     def rollout(self, epoch: int) -> EpochData:
-        """Sample the epoch's batches under the plan's declaration; score images on workers."""
+        """Sample the epoch's batches (the algorithm decides how and what is stored); score
+        images on workers."""
         cfg = self.cfg
         items = self.sampler.epoch_items(epoch, contiguous_groups=self.plan.shares_prefix)
         embeds = self.adapter.encode_prompts([it.prompt for it in items])
@@ -212,16 +210,15 @@ class GRPOTrainer:
         gen = self._generator(epoch, self.rank)
         sigmas = self.schedule()
         self.engine.module.eval()
-        parts, futures, t_sample, t_decode, firsts = [], [], 0.0, 0.0, []
+        parts, futures, t_sample, t_decode, batch_metrics = [], [], 0.0, 0.0, []
         batches = progress(
             range(cfg.rollout.num_batches), desc=f"sample {epoch}", enabled=self.show
         )
         for b in batches:
             idx = list(range(b * bs, (b + 1) * bs))
-            step_plan = self.plan.step_plan(sigmas, epoch, b)
-            firsts.append(step_plan.trained[0])
             t0 = time.perf_counter()
-            ro = sample_rollout(self.adapter, embeds.index(idx), step_plan, sigmas, cfg, gen)
+            ro, m = self.algo.sample_batch(embeds.index(idx), epoch, b, sigmas, gen)
+            batch_metrics.append(m)
             t1 = time.perf_counter()
             images = self.adapter.decode(ro.final_latents.flatten(0, 1))  # (bs*R, 3, H, W)
             t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1
@@ -246,7 +243,7 @@ class GRPOTrainer:
         return EpochData(
             items=items,
             embeds=embeds,
-            rollout=Rollout.cat(parts),
+            rollout=self.algo.cat(parts),
             rewards=torch.cat([o.scores for o in outs]),
             details=details,
             group_ids=torch.tensor([it.group_id * r + i for it in items for i in range(r)]),
@@ -255,7 +252,8 @@ class GRPOTrainer:
                 "time/decode_s": t_decode,
                 "time/reward_s": float(sum(secs)),  # on workers, overlapping sampling
                 "time/reward_wait_s": time.perf_counter() - t_wait,
-                "rollout/first_trained_step": float(np.mean(firsts)),
+                # per-batch numbers of the algorithm (grpo: rollout/first_trained_step)
+                **{k: float(np.mean([m[k] for m in batch_metrics])) for k in batch_metrics[0]},
             },
         )
 
@@ -299,37 +297,37 @@ class GRPOTrainer:
 
     # -- update -----------------------------------------------------------------------------------
     def update(self, data: EpochData, adv: torch.Tensor, epoch: int) -> dict[str, float]:
-        """Re-score every stored transition under the current policy; one backward per
-        (micro-batch, trained transition), so DeepSpeed steps at each accumulation boundary."""
+        """One loss per (micro-batch, trained item) from the algorithm (grpo: re-score stored
+        transition j; nft/awm: training time j) and one backward each, so DeepSpeed steps at
+        each accumulation boundary."""
         t0 = time.perf_counter()
         ro = data.rollout
         self.ema.after_step()  # builds the EMA from the weights before this epoch's first step
         self.engine.module.train()
-        n, r = ro.log_probs.shape[0], ro.images_per_sample
-        adv = adv.reshape(n, r)  # transition j of a sample is judged by its image min(j, R-1)
+        n, r = ro.final_latents.shape[0], ro.images_per_sample
+        adv = adv.reshape(n, r)  # (N, R): one advantage per image
         mb = self.sizes["micro_batch_size"]
         acc: dict[str, list[float]] = {}
-        first_dev = 0.0
+        first_dev = None
         steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
-        reference = functools.partial(reference_policy, self.adapter, self.engine)  # beta > 0
+        self.algo.begin_update(data, epoch)
         for start in steps:
             idx = list(range(start, start + mb))
             sub, emb = ro.index(idx), data.embeds.index(idx)
             for j in range(ro.num_trained):
-                a = adv[idx, min(j, r - 1)].to(self.device)
-                term = step_loss(
-                    self.adapter, sub, j, emb, a, self.cfg, sigma_max=self.sigma_max,
-                    backend=self.kernel_backend, reference=reference,
-                )  # fmt: skip
+                term = self.algo.loss(sub, j, emb, adv[idx], epoch=epoch, start=start)
                 self.engine.backward(term.loss)
                 self.engine.step()
                 self.ema.after_step()
                 for k, v in term.stats.items():
                     acc.setdefault(k, []).append(float(v))
-                if start == 0:  # no optimizer step yet: the ratio must be exactly 1
-                    first_dev = max(first_dev, float(term.stats["ratio_max_dev"]))
+                if start == 0 and "ratio_max_dev" in term.stats:
+                    # grpo: no optimizer step yet, so the ratio must be exactly 1
+                    first_dev = max(first_dev or 0.0, float(term.stats["ratio_max_dev"]))
         out = {f"train/{k}": float(np.mean(v)) for k, v in acc.items()}
-        out["train/first_ratio_max_dev"] = first_dev
+        if first_dev is not None:
+            out["train/first_ratio_max_dev"] = first_dev
+        out.update(self.algo.end_update(epoch))
         out = self.engine.mean_over_ranks(out, maxed=("train/first_ratio_max_dev",))
         out["train/grad_norm"] = self.engine.grad_norm()
         out["time/train_s"] = time.perf_counter() - t0
@@ -378,6 +376,7 @@ class GRPOTrainer:
             cfg=self.cfg,
             history=self.history,
             ema=self.ema.get(),
+            states=self.algo.states(),
         )
 
     def _stop_requested(self) -> int:
@@ -440,10 +439,13 @@ class GRPOTrainer:
         )
         self.logger.log(metrics, step=epoch)
         zero = stats.get("zero_std_ratio", 0.0)
+        clip = ""
+        if "train/clipfrac_high" in metrics:  # grpo and awm: the clipped ratio
+            clipped = metrics["train/clipfrac_high"] + metrics["train/clipfrac_low"]
+            clip = f" | clipfrac {clipped:.3f}"
         print0(
             f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
-            f" | loss {metrics['train/loss']:+.2e} | clipfrac "
-            f"{metrics['train/clipfrac_high'] + metrics['train/clipfrac_low']:.3f}"
+            f" | loss {metrics['train/loss']:+.2e}{clip}"
             f" | no-spread groups {zero:.0%} | {metrics['time/epoch_s']:.1f}s",
             rank=self.rank,
         )

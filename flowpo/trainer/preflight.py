@@ -2,8 +2,8 @@
 
 `Config.validate` checks the config alone; `preflight` runs it and then what it cannot see
 from there: prompt files (read now, so a missing file or a bad line stops at once), the model
-path, and the registries of tiny model families, rewards (with their options) and rollout
-plans. `flowpo train`, `flowpo eval` and the trainer run it; every error is a ConfigError that
+path, and the registries of tiny model families, rewards (with their options), rollout
+plans and algorithms (train.algorithm). `flowpo train`, `flowpo eval` and the trainer run it; every error is a ConfigError that
 names the field and the fix.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from flowpo.config import Config, ConfigError
 from flowpo.models.tiny import tiny_families
 from flowpo.rewards.base import check_reward_options, known_rewards
+from flowpo.trainer.algorithms import ALGORITHM_REGISTRY
 from flowpo.trainer.data import load_prompt_items
 from flowpo.trainer.plans import PLAN_REGISTRY
 
@@ -54,3 +55,10 @@ def preflight(cfg: Config, world_size: int = 1, training: bool = True) -> None:
             f"rollout.plan '{plan}' is unknown; choose one of: " + ", ".join(PLAN_REGISTRY)
         )
     PLAN_REGISTRY[plan].check_config(cfg)
+    algo = cfg.train.algorithm
+    if algo not in ALGORITHM_REGISTRY:
+        raise ConfigError(
+            f"train.algorithm '{algo}' is unknown; choose one of: " + ", ".join(ALGORITHM_REGISTRY)
+        )
+    if training:
+        ALGORITHM_REGISTRY[algo].check_config(cfg)

@@ -1,0 +1,130 @@
+"""RL algorithms behind `train.algorithm`: the few methods the epoch loop calls.
+
+The loop in grpo.py is the same for every algorithm: sample batches and score them, compute
+group advantages, then for each micro-batch and each of its K trained items one loss, one
+backward and one engine step, then evaluate and checkpoint. What differs is the object
+registered here (the way rollout plans and rewards are registered):
+
+  grpo  Flow-GRPO family (docs/algorithms.md §1-§5): SDE rollouts under a rollout plan, the
+        stored transitions re-scored; item j = trained transition j.
+  nft   DiffusionNFT (§7): clean ODE samples of the old (EMA) policy; item j = training time j.
+  awm   Advantage Weighted Matching (§8): clean samples; advantage-weighted flow matching.
+
+An algorithm provides:
+  check_config(cfg)                  ConfigError for settings it cannot run (preflight)
+  plan_shape()                       (K items per sample, R images per sample)
+  sample_batch(embeds, epoch, b, sigmas, gen) -> (stored batch, metrics)
+  cat(parts)                         the stored batches of an epoch as one
+  begin_update(data, epoch)          before the first micro-batch
+  loss(sub, j, embeds, adv, epoch, start) -> StepLoss   one item of a micro-batch
+  end_update(epoch) -> metrics       after the last optimizer step of the epoch
+  states() -> {name: EMA}            per-rank state a checkpoint must hold for exact resume
+
+Shapes: B samples of a micro-batch, K items per sample, R images per sample.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ClassVar
+
+from torch import Tensor
+
+from flowpo.config import Config
+from flowpo.trainer.rollout import Rollout, sample_rollout
+from flowpo.trainer.update import StepLoss, reference_policy, step_loss
+
+ALGORITHM_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        ALGORITHM_REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def build_algorithm(trainer) -> Algorithm:
+    """The algorithm named by train.algorithm, bound to a set-up trainer (adapter, engine,
+    plan, sizes, generators)."""
+    return ALGORITHM_REGISTRY[trainer.cfg.train.algorithm](trainer)
+
+
+class Algorithm:
+    """Base: see the module docstring. `trainer` is the GRPOTrainer that runs the loop."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg: Config = trainer.cfg
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError (naming the field and the fix) for settings this cannot run."""
+
+    def plan_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def sample_batch(self, embeds, epoch: int, batch: int, sigmas: Tensor, gen):
+        raise NotImplementedError
+
+    def cat(self, parts: list):
+        raise NotImplementedError
+
+    def begin_update(self, data, epoch: int) -> None:
+        """Called once per epoch before the first micro-batch."""
+
+    def loss(self, sub, j: int, embeds, adv: Tensor, *, epoch: int, start: int) -> StepLoss:
+        raise NotImplementedError
+
+    def end_update(self, epoch: int) -> dict[str, float]:
+        """Called once per epoch after the last engine step; returns extra metrics."""
+        return {}
+
+    def states(self) -> dict:
+        """name -> object with save(path)/load(path) (an EMA), saved per rank."""
+        return {}
+
+
+@register_algorithm("grpo")
+class GRPO(Algorithm):
+    """Flow-GRPO and its variants (§1-§5): the plan's SDE transitions are stored with their
+    log-probs and re-scored by `update.step_loss`."""
+
+    def plan_shape(self) -> tuple[int, int]:
+        plan = self.trainer.plan.step_plan(self.trainer.schedule(), 0, 0)
+        return len(plan.trained), plan.images_per_sample
+
+    def sample_batch(self, embeds, epoch, batch, sigmas, gen):
+        step_plan = self.trainer.plan.step_plan(sigmas, epoch, batch)
+        ro = sample_rollout(self.trainer.adapter, embeds, step_plan, sigmas, self.cfg, gen)
+        return ro, {"rollout/first_trained_step": float(step_plan.trained[0])}
+
+    def cat(self, parts: list[Rollout]) -> Rollout:
+        return Rollout.cat(parts)
+
+    def begin_update(self, data, epoch: int) -> None:
+        t = self.trainer
+        self._reference = functools.partial(reference_policy, t.adapter, t.engine)  # beta > 0
+
+    def loss(self, sub, j, embeds, adv, *, epoch, start) -> StepLoss:
+        t = self.trainer
+        r = sub.images_per_sample
+        a = adv[:, min(j, r - 1)].to(t.device)  # transition j is judged by image min(j, R-1)
+        return step_loss(
+            t.adapter, sub, j, embeds, a, self.cfg, sigma_max=t.sigma_max,
+            backend=t.kernel_backend, reference=self._reference,
+        )  # fmt: skip
+
+
+def _register_forward_algorithms() -> None:
+    # nft and awm live in forward_rl.py (which imports this module); importing it here fills
+    # the registry whenever the registry is imported
+    import flowpo.trainer.forward_rl  # noqa: F401
+
+
+_register_forward_algorithms()
