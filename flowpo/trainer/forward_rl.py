@@ -112,6 +112,15 @@ def awm_log_likelihood(
     raise ValueError(f"forward.awm_weighting={weighting!r} is unknown")
 
 
+def awm_policy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """§8 (2): PPO-clip on AWM's log-likelihood surrogate (B,), advantages adv (B,) already
+    scaled; returns (float32 loss, float32 detached stats with clipped_policy_loss's keys)."""
+    loss, stats = clipped_policy_loss(logp, old_logp, adv, clip_range, clip_range)
+    return loss.float(), {k: v.float() for k, v in stats.items()}
+
+
 def old_policy_decay(cfg: Config, optimizer_steps: int) -> float:
     """§7 (5): eta = min(rate * max(n - delay, 0), max), n = optimizer steps so far."""
     f = cfg.forward
@@ -363,11 +372,7 @@ class AWM(_ForwardRL):
         # one optimizer step per epoch: no step has been taken yet, so the old policy's value
         # is this forward's own, detached (ratio exactly 1, the gradient A * grad log p)
         a = adv[:, 0].to(v.device).double() / c * f.awm_adv_scale
-        loss, stats = clipped_policy_loss(
-            logp, logp.detach(), a, f.awm_clip_range, f.awm_clip_range
-        )
-        loss = loss.float()
-        stats = {k: s.float() for k, s in stats.items()}
+        loss, stats = awm_policy_loss(logp, logp.detach(), a, f.awm_clip_range)
         stats["policy_loss"] = loss.detach()
         if use_ema:
             ema_kl = _mean_d((v - v_ema) ** 2).mean()

@@ -1,0 +1,262 @@
+"""DiffusionNFT and AWM (docs/algorithms.md §7, §8): the NFT loss against an independent
+float64 reading of the paper's formula (values and gradients), the invariants that follow from
+the math (§7 invariants 1-2, §8 invariant 1), the old-policy decay schedule and swap, config
+errors that name the field, and a short `flowpo train` with train.algorithm=nft (finite
+metrics, old policy checkpointed, resume bit-identical to the uninterrupted run)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowpo.config import ConfigError, load_config
+from flowpo.trainer.forward_rl import (
+    OldPolicy,
+    awm_log_likelihood,
+    awm_policy_loss,
+    nft_loss,
+    old_policy_decay,
+    optimality_probability,
+)
+from flowpo.trainer.preflight import preflight
+from tests.conftest import flowpo_main, train_rows
+
+
+def _batch(seed: int, b: int = 5, shape=(3, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, *shape, generator=g)
+    noise = torch.randn(b, *shape, generator=g)
+    t = torch.rand(b, generator=g) * 0.9 + 0.05
+    v_old = torch.randn(b, *shape, generator=g)
+    v = v_old + 0.3 * torch.randn(b, *shape, generator=g)
+    return x0, noise, t, v_old, v
+
+
+def _paper_nft_loss64(v, v_old, x0, noise, t, r, beta, adaptive, scale):
+    """The paper's form, independently, in float64: v+ = (1 - beta) v_old + beta v_theta,
+    v- = (1 + beta) v_old - beta v_theta, x_t = (1 - t) x0 + t eps; adaptive weighting in x0
+    space with a stop-gradient weight; L = mean_B [r l+ + (1 - r) l-] / beta * scale."""
+    v, v_old, x0, noise = (z.double() for z in (v, v_old, x0, noise))
+    t, r = t.double().view(-1, 1, 1, 1), r.double()
+    xt = (1 - t) * x0 + t * noise
+    u = noise - x0
+    v_pos = (1 - beta) * v_old + beta * v
+    v_neg = (1 + beta) * v_old - beta * v
+    out = []
+    for vb in (v_pos, v_neg):
+        if adaptive:
+            x0_hat = xt - t * vb
+            w = (x0_hat - x0).abs().mean((1, 2, 3)).detach().clamp_min(1e-5)
+            out.append(((x0_hat - x0) ** 2).mean((1, 2, 3)) / w)
+        else:
+            out.append(((vb - u) ** 2).mean((1, 2, 3)))
+    return ((r * out[0] + (1 - r) * out[1]) / beta * scale).mean()
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("r_kind", ["zeros", "ones", "mixed"])
+def test_nft_loss_matches_float64_paper_formula(beta, r_kind, adaptive):
+    x0, noise, t, v_old, v = _batch(int(beta * 10) + len(r_kind))
+    r = {
+        "zeros": torch.zeros(5),
+        "ones": torch.ones(5),
+        "mixed": torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0]),
+    }[r_kind]
+    v32 = v.clone().requires_grad_(True)
+    loss, _ = nft_loss(v32, v_old, x0, noise, t, r, beta=beta, adaptive=adaptive, scale=5.0)
+    loss.backward()
+    v64 = v.double().requires_grad_(True)
+    ref = _paper_nft_loss64(v64, v_old, x0, noise, t, r, beta, adaptive, 5.0)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-6)
+    # float32 against float64: elements are compared on the scale of the whole gradient
+    scale = v64.grad.abs().max().item()
+    torch.testing.assert_close(v32.grad.double(), v64.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_nft_gradient_is_exactly_zero_at_r_half_and_old_policy(beta, adaptive):
+    """§7 invariant 1: every r = 1/2 (all advantages 0) and v_theta == v_old -> gradient 0."""
+    x0, noise, t, v_old, _ = _batch(3)
+    v = v_old.clone().requires_grad_(True)
+    r = optimality_probability(torch.zeros(5), adv_clip_max=5.0)
+    assert torch.equal(r, torch.full((5,), 0.5))
+    loss, _ = nft_loss(v, v_old, x0, noise, t, r, beta=beta, adaptive=adaptive, scale=5.0)
+    loss.backward()
+    assert torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_nft_gradient_is_exactly_zero_through_a_module_and_the_old_policy_swap():
+    """The same invariant through parameters: the old policy is the module's own weights
+    switched in by OldPolicy.applied() (a fresh copy), so every parameter gradient is 0."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    old = OldPolicy(net)
+    x0, noise = torch.randn(4, 8), torch.randn(4, 8)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    xt = (1 - t[:, None]) * x0 + t[:, None] * noise
+    with torch.no_grad(), old.applied():
+        v_old = net(xt)
+    v = net(xt)
+    r = torch.full((4,), 0.5)
+    shape = (4, 8, 1, 1)
+    loss, _ = nft_loss(
+        v.view(shape), v_old.view(shape), x0.view(shape), noise.view(shape), t, r, beta=1.0
+    )
+    loss.backward()
+    for p in net.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_nft_with_every_r_one_is_flow_matching_toward_the_samples(beta):
+    """§7 invariant 2: r = 1 and v_theta == v_old: dL/dv = scale * t^2 / sg(w) * d/dv of the
+    plain flow-matching loss mean_D((v - u)^2) (per sample, / B), w = t mean_D |v - u|; without
+    the adaptive weighting, scale * d/dv mean_D((v - u)^2) / B."""
+    x0, noise, t, v_old, _ = _batch(7)
+    u = noise - x0
+    r = torch.ones(5)
+    for adaptive in (True, False):
+        v = v_old.clone().requires_grad_(True)
+        loss, _ = nft_loss(v, v_old, x0, noise, t, r, beta=beta, adaptive=adaptive, scale=5.0)
+        loss.backward()
+        fm = v_old.clone().requires_grad_(True)
+        per = ((fm - u) ** 2).mean((1, 2, 3))
+        if adaptive:
+            w = t * (v_old - u).abs().mean((1, 2, 3))
+            per = per * t**2 / w
+        (5.0 * per.mean()).backward()
+        torch.testing.assert_close(v.grad, fm.grad, rtol=1e-5, atol=1e-8)
+        # the direction pulls v toward the sample's own velocity u
+        assert ((v.grad * (v_old - u)).sum((1, 2, 3)) > 0).all()
+
+
+def test_optimality_probability_is_the_clipped_normalised_advantage():
+    adv = torch.tensor([-7.0, -5.0, -2.5, 0.0, 1.0, 5.0, 9.0])
+    r = optimality_probability(adv, adv_clip_max=5.0)
+    assert torch.equal(r, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.6, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "t", "t2", "ghuber"])
+def test_awm_zero_advantages_give_zero_policy_gradient(weighting):
+    """§8 invariant 1."""
+    x0, noise, t, _, v = _batch(11)
+    v = v.clone().requires_grad_(True)
+    logp = awm_log_likelihood(v, x0, noise, t, weighting=weighting)
+    loss, stats = awm_policy_loss(logp, logp.detach(), torch.zeros(5, dtype=logp.dtype), 1.0)
+    loss.backward()
+    assert torch.equal(v.grad, torch.zeros_like(v))
+    assert stats["ratio_max_dev"] == 0
+
+
+def test_awm_gradient_is_advantage_weighted_flow_matching():
+    """With ratio 1 the AWM policy gradient is -mean_B A_b d(log p_b)/dv, log p = -w(t) FM."""
+    x0, noise, t, _, v = _batch(13)
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0], dtype=torch.float64)
+    v1 = v.clone().requires_grad_(True)
+    logp = awm_log_likelihood(v1, x0, noise, t, weighting="t")
+    awm_policy_loss(logp, logp.detach(), adv, 1.0)[0].backward()
+    v2 = v.double().requires_grad_(True)
+    fm = ((v2 - (noise - x0).double()) ** 2).mean((1, 2, 3)) * t.double()
+    (adv * fm).mean().backward()
+    torch.testing.assert_close(v1.grad.double(), v2.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_old_policy_decay_follows_the_published_schedules():
+    nft = load_config("configs/tiny_sd3_jpeg.yaml", ["--train.algorithm=nft"])
+    assert [old_policy_decay(nft, n) for n in (0, 1, 100, 499, 500, 5000)] == pytest.approx(
+        [0.0, 0.001, 0.1, 0.499, 0.5, 0.5]
+    )
+    ocr = load_config(
+        None,
+        [
+            "--train.algorithm=nft",
+            "--forward.old_decay_delay=75",
+            "--forward.old_decay_rate=0.0075",
+            "--forward.old_decay_max=0.999",
+        ],
+    )
+    assert old_policy_decay(ocr, 74) == 0.0
+    assert old_policy_decay(ocr, 175) == pytest.approx(0.75)
+    assert old_policy_decay(ocr, 1000) == pytest.approx(0.999)
+    awm = load_config(None, ["--train.algorithm=awm"])
+    assert old_policy_decay(awm, 1000) == pytest.approx(0.3)
+
+
+def test_old_policy_fold_and_swap():
+    net = torch.nn.Linear(3, 2)
+    old = OldPolicy(net)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    old.fold(0.25)  # old <- 0.25 old + 0.75 theta
+    with old.applied():
+        torch.testing.assert_close(net.weight, before + 0.75)
+    torch.testing.assert_close(net.weight, before + 1.0)  # the training weights are back
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["--train.algorithm=ppo"], "train.algorithm"),
+        (["--train.algorithm=nft", "--rollout.plan=window"], "rollout.plan"),
+        (["--train.algorithm=nft", "--train.ratio_norm=true"], "train.ratio_norm"),
+        (["--train.algorithm=nft", "--forward.num_times=11"], "forward.num_times"),
+        (["--train.algorithm=nft", "--forward.nft_beta=0"], "forward.nft_beta"),
+        (["--train.algorithm=awm", "--train.steps_per_epoch=2"], "train.steps_per_epoch"),
+        (["--train.algorithm=awm", "--forward.awm_weighting=huber"], "forward.awm_weighting"),
+    ],
+)
+def test_algorithm_config_errors_name_the_field(overrides, field):
+    cfg = load_config("configs/tiny_sd3_jpeg.yaml", overrides)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        preflight(cfg)
+
+
+@pytest.mark.slow
+def test_nft_trains_two_epochs_and_resumes_bit_identically(tmp_path):
+    common = [
+        "train",
+        "-c",
+        "configs/tiny_sd3_jpeg.yaml",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.wandb=off",
+        "--logging.progress=false",
+        "--rollout.batch_size=4",
+        "--rollout.num_batches=2",
+        "--sampling.num_steps=4",
+        "--eval.at_start=false",
+        "--eval.at_end=false",
+        "--eval.every=0",
+        "--train.algorithm=nft",
+        "--train.beta=0.01",
+        "--checkpoint.every=1",
+    ]
+    straight = flowpo_main(*common, "--logging.run_name=straight", "--train.epochs=3")
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-4000:]
+    rows = train_rows(tmp_path / "straight")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for key in ("train/loss", "train/policy_loss", "train/kl", "train/grad_norm"):
+            assert math.isfinite(r[key]), key
+        assert 0.0 <= r["train/r_mean"] <= 1.0
+    assert rows[0]["train/old_deviation"] == 0.0  # epoch 0: the old policy is the policy
+    assert rows[1]["train/old_deviation"] > 0.0
+    ckpt = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "old_policy_rank0.pt").is_file()
+
+    first = flowpo_main(*common, "--logging.run_name=resumed", "--train.epochs=2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    again = flowpo_main(
+        *common, "--logging.run_name=resumed", "--train.epochs=3", "--resume", "latest"
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    resumed = train_rows(tmp_path / "resumed")
+
+    def numbers(r):
+        return {k: v for k, v in r.items() if not k.startswith("time/")}
+
+    assert json.dumps(numbers(resumed[-1])) == json.dumps(numbers(rows[-1]))
