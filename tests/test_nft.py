@@ -207,6 +207,7 @@ def test_old_policy_fold_and_swap():
         (["--train.algorithm=nft", "--forward.num_times=11"], "forward.num_times"),
         (["--train.algorithm=nft", "--forward.nft_beta=0"], "forward.nft_beta"),
         (["--train.algorithm=awm", "--train.steps_per_epoch=2"], "train.steps_per_epoch"),
+        (["--train.algorithm=nft", "--engine.zero_stage=3"], "engine.zero_stage"),
         (["--train.algorithm=awm", "--forward.awm_weighting=huber"], "forward.awm_weighting"),
     ],
 )

@@ -208,6 +208,12 @@ class _ForwardRL(Algorithm):
                 f"but {times} times allow 1..{lim - 1} (sampling.num_steps={steps}, "
                 f"rollout.timestep_fraction={r.timestep_fraction}); set forward.num_times"
             )
+        if cfg.engine.zero_stage == 3:
+            raise ConfigError(
+                f"train.algorithm={name} with engine.zero_stage=3 is not supported yet (the "
+                "old-policy swap does not reach ZeRO-3's persistent gathered parameters); use "
+                "engine.zero_stage=0 or 2"
+            )
         if cfg.forward.nft_beta <= 0:
             raise ConfigError(f"forward.nft_beta ({cfg.forward.nft_beta}) must be > 0")
         if cfg.forward.old_decay_rate < 0 or cfg.forward.old_decay_max >= 1:
