@@ -1,4 +1,5 @@
-"""One GRPO update of a fixed global batch, under a list of engine layouts, in one process group.
+"""One update (GRPO, or train.algorithm nft/awm on the same samples' clean latents) of a fixed
+global batch, under a list of engine layouts, in one process group.
 
 Launched by tests/test_distributed.py with torchrun (1 or 2 ranks, gloo). For each case every
 rank builds the trainer (real DeepSpeed engine), samples the same global rollout of 8
@@ -35,6 +36,7 @@ def run_case(
 ) -> dict:
     from flowpo.config import load_config
     from flowpo.trainer.data import PromptItem
+    from flowpo.trainer.forward_rl import CleanRollout
     from flowpo.trainer.grpo import EpochData, GRPOTrainer
     from flowpo.trainer.rollout import sample_rollout
 
@@ -78,10 +80,13 @@ def run_case(
         ro = sample_rollout(adapter, embeds, plan, sigmas, cfg, gen)
     adv = torch.randn(GLOBAL_BATCH, generator=torch.Generator().manual_seed(99))
     mine = list(range(rank * per_rank, (rank + 1) * per_rank))
+    stored = ro.index(mine)
+    if cfg.train.algorithm != "grpo":  # nft / awm train on the clean final latents only
+        stored = trainer.algo.cat([CleanRollout(ro.final_latents[mine], trainer.num_trained)])
     data = EpochData(
         items=[PromptItem(prompts[i], i // 4, {}) for i in mine],
         embeds=embeds.index(mine),
-        rollout=ro.index(mine),
+        rollout=stored,
         rewards=torch.zeros(per_rank),
         details={},
         group_ids=torch.tensor([i // 4 for i in mine]),

@@ -275,32 +275,37 @@ class _ForwardRL(Algorithm):
         t = self.trainer
         self._reference = lambda: reference_policy(t.adapter, t.engine)
         self._sigmas = t.schedule()
+        self._per_rank = data.rollout.final_latents.shape[0]
         self._draws: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _times_and_noise(self, sub: CleanRollout, epoch: int, start: int):
-        """(B, K) training times and (B, K, ...) noise of the micro-batch starting at `start`,
-        drawn from (seed, epoch, rank, start): the same on a rerun and after a resume."""
+        """(B, K) training times and (B, K, ...) noise of the micro-batch starting at row
+        `start`. Each sample draws its own from (seed, epoch, its global index rank * N + row),
+        so a rerun, a resumed run, another micro-batch size and another rank count draw the
+        same ones for the same sample."""
         if start in self._draws:
             return self._draws[start]
         t = self.trainer
-        gen = t._generator(epoch, t.rank, 17, start)
         x0 = sub.final_latents[:, 0]
         b, dev = x0.shape[0], x0.device
         sig = self._sigmas.to(dev)
         steps = len(sig) - 1
-        if self.times_mode == "schedule":  # per sample, K of the T schedule sigmas, no repeats
-            keys = torch.rand(b, steps, generator=gen, device=dev)
-            times = sig[keys.argsort(1)[:, : self.k]]
-        else:  # stratified step indices in [1, lim), one per stratum, shared by the batch
-            lim = int(self.cfg.sampling.num_steps * self.cfg.rollout.timestep_fraction)
-            bounds = torch.linspace(1, lim, self.k + 1, device=dev)
-            lo, hi = bounds[:-1].long(), bounds[1:].long()
-            u = torch.rand(self.k, generator=gen, device=dev)
-            times = sig[lo + (u * (hi - lo)).long()].expand(b, self.k)
-        noise = torch.randn(
-            (b, self.k, *x0.shape[1:]), generator=gen, device=dev, dtype=torch.float32
-        )
-        self._draws = {start: (times.float(), noise)}
+        lim = int(self.cfg.sampling.num_steps * self.cfg.rollout.timestep_fraction)
+        bounds = torch.linspace(1, lim, self.k + 1, device=dev)
+        lo, hi = bounds[:-1].long(), bounds[1:].long()
+        times, noise = [], []
+        for i in range(b):
+            gen = t._generator(epoch, 17, t.rank * self._per_rank + start + i)
+            if self.times_mode == "schedule":  # K of the T schedule sigmas, no repeats
+                keys = torch.rand(steps, generator=gen, device=dev)
+                times.append(sig[keys.argsort()[: self.k]])
+            else:  # one step index in [1, lim) per stratum
+                u = torch.rand(self.k, generator=gen, device=dev)
+                times.append(sig[lo + (u * (hi - lo)).long()])
+            noise.append(
+                torch.randn((self.k, *x0.shape[1:]), generator=gen, device=dev, dtype=torch.float32)
+            )
+        self._draws = {start: (torch.stack(times).float(), torch.stack(noise))}
         return self._draws[start]
 
     def _velocities(self, sub, j, embeds, epoch, start, *, old: bool):
