@@ -318,3 +318,101 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
                 torch.testing.assert_close(r["weights"][key], w, atol=1e-5, rtol=0, msg=name)
             assert math.isclose(r["grad_norm"], ref["grad_norm"], rel_tol=1e-5), name
     assert any(v.abs().max() > 0 for k, v in res["lora_mb8"]["weights"].items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
+    """2 ranks, ZeRO-2, LoRA, β > 0, train.ema: a run SIGKILLed once checkpoint-1 is the latest
+    and resumed gives the uninterrupted run's numbers and weights bit for bit (the old policy
+    is restored from old_policy_rank{R}.pt)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ENV, ROOT, free_port
+
+    def train_cmd(name: str, *extra: str) -> list[str]:
+        return [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "flowpo",
+            "train",
+            "-c",
+            "configs/tiny_sd3_jpeg.yaml",
+            f"--model.path={tiny_dirs['sd3']}",
+            f"--logging.run_dir={tmp_path}",
+            f"--logging.run_name={name}",
+            "--logging.wandb=off",
+            "--logging.progress=false",
+            "--rollout.batch_size=4",
+            "--rollout.num_batches=2",
+            "--sampling.num_steps=4",
+            "--train.epochs=4",
+            "--train.algorithm=nft",
+            "--train.beta=0.01",
+            "--train.ema=true",
+            "--engine.zero_stage=2",
+            "--checkpoint.every=1",
+            "--checkpoint.keep_last_n=3",
+            "--eval.at_start=false",
+            "--eval.at_end=false",
+            "--eval.every=0",
+            *extra,
+        ]
+
+    def run(cmd):
+        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        return p
+
+    run(train_cmd("straight"))
+    proc = subprocess.Popen(
+        train_cmd("killed"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.is_file() and pointer.read_text().strip() == "checkpoint-1":
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
+    assert [r["epoch"] for r in train_rows(tmp_path / "killed")][:2] == [0, 1]
+    resumed = run(train_cmd("killed", "--resume", "latest"))
+    assert "resumed from" in resumed.stdout
+
+    straight = train_rows(tmp_path / "straight")
+    by_epoch = {r["epoch"]: r for r in train_rows(tmp_path / "killed")}
+    assert sorted(by_epoch) == [0, 1, 2, 3]
+    for a in straight:
+        b = by_epoch[a["epoch"]]
+        for key, value in a.items():
+            if key.startswith(("reward", "train/", "adv")):
+                assert b[key] == value, (a["epoch"], key, value, b[key])
+    for name in ("trainable.safetensors", "trainable_ema.safetensors"):
+        w_a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / name))
+        w_b = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / name))
+        assert w_a.keys() == w_b.keys()
+        assert all(torch.equal(w_a[k], w_b[k]) for k in w_a), name
+    for rank in (0, 1):
+        old = f"old_policy_rank{rank}.pt"
+        o_a = torch.load(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / old)
+        o_b = torch.load(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / old)
+        assert all(torch.equal(o_a["shadow"][k], o_b["shadow"][k]) for k in o_a["shadow"])
