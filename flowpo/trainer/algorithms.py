@@ -57,6 +57,7 @@ class Algorithm:
     """Base: see the module docstring. `trainer` is the GRPOTrainer that runs the loop."""
 
     name: ClassVar[str] = ""
+    rollouts: ClassVar[str] = "SDE rollouts"  # how training images are sampled (the summary)
 
     def __init__(self, trainer):
         self.trainer = trainer

@@ -180,6 +180,7 @@ class _ForwardRL(Algorithm):
 
     default_times = "schedule"
     sample_with_old = True
+    rollouts = "ODE rollouts of the old policy"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -362,6 +363,7 @@ class AWM(_ForwardRL):
 
     default_times = "stratified"
     sample_with_old = False
+    rollouts = "ODE rollouts"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

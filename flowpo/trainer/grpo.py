@@ -430,6 +430,7 @@ class GRPOTrainer:
             time.time() - t0,
             reward_names=list(self.cfg.reward.weights),
             rank=self.rank,
+            rollouts=self.algo.rollouts,
         )
 
     def _log_epoch(self, epoch: int, metrics: dict, stats: dict) -> None:

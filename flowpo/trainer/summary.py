@@ -23,11 +23,13 @@ def finish_run(
     *,
     reward_names: list[str],
     rank: int,
+    rollouts: str = "SDE rollouts",
 ) -> dict:
     """The run's summary from its history (eval_start, eval_end, train_reward per epoch); rank 0
     also writes summary.json and the curves under run_dir and prints it. A run without a start
     or end evaluation (eval.at_start / eval.at_end false; `end` is None) has no such entry and
-    prints no reward or accuracy comparison."""
+    prints no reward or accuracy comparison. rollouts: how the training images were sampled,
+    for the printed training-reward line (the algorithm's `rollouts`)."""
     h = history
     start = h.get("eval_start")
     summary = {k: h[k] for k in ("eval_start", "eval_end") if k in h}
@@ -62,7 +64,7 @@ def finish_run(
         )
     if "train_reward_first" in summary:
         print0(
-            f"train reward (SDE rollouts): first epoch {summary['train_reward_first']:.4f} ± "
+            f"train reward ({rollouts}): first epoch {summary['train_reward_first']:.4f} ± "
             f"{summary['train_reward_first_std']:.4f} -> last epoch "
             f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
             rank=0,
