@@ -28,7 +28,7 @@ TRAIN_HELP = """Run online RL (Flow-GRPO) on a flow-matching model.
 With no recipe it runs the CPU default (configs/shapes.yaml): Flow-GRPO with LoRA on the shapes
 world, a miniature GenEval, from the committed tiny pixel-space SD3-family base model, and prints
 held-out strict accuracy per tag before and after. Any config field can be overridden as --section.field=value
-(sections: model, sampling, rollout, train, reward, engine, logging, eval, checkpoint), e.g.
+(sections: model, sampling, rollout, train, forward, reward, engine, logging, eval, checkpoint), e.g.
   flowpo train -c configs/tiny_sd3_jpeg.yaml --train.epochs=5 --rollout.group_size=4
 Resume: --resume latest --logging.run_name=NAME, or --resume RUN/checkpoints/checkpoint-N."""
 
