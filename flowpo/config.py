@@ -194,7 +194,8 @@ class ForwardConfig:
     """auto (nft: schedule, awm: stratified) | schedule (per sample, K of the rollout's sigmas
     without replacement) | stratified (one step index per stratum, shared by the batch)."""
     awm_weighting: str = "ghuber"
-    """AWM time weighting of the flow-matching log-likelihood: uniform | t | t2 | ghuber."""
+    """AWM time weighting of the flow-matching log-likelihood: uniform | t | t2 | huber |
+    ghuber (docs/algorithms.md §8)."""
     awm_ghuber_power: float = 0.25
     awm_clip_range: float = 1.0
     """AWM ratio clip epsilon (published 1.0)."""
@@ -307,7 +308,7 @@ _CHOICES = {
     ("train", "algorithm"): ("grpo", "nft", "awm"),
     ("train", "kl_estimator"): ("flow_grpo", "exact"),
     ("forward", "times"): ("auto", "schedule", "stratified"),
-    ("forward", "awm_weighting"): ("uniform", "t", "t2", "ghuber"),
+    ("forward", "awm_weighting"): ("uniform", "t", "t2", "huber", "ghuber"),
     ("train", "kernels"): ("auto", "triton", "torch"),
     ("engine", "zero_stage"): (0, 2, 3),
     ("engine", "precision"): ("fp32", "bf16"),

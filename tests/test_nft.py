@@ -140,7 +140,7 @@ def test_optimality_probability_is_the_clipped_normalised_advantage():
     assert torch.equal(r, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.6, 1.0, 1.0]))
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "t", "t2", "ghuber"])
+@pytest.mark.parametrize("weighting", ["uniform", "t", "t2", "huber", "ghuber"])
 def test_awm_zero_advantages_give_zero_policy_gradient(weighting):
     """§8 invariant 1."""
     x0, noise, t, _, v = _batch(11)
@@ -208,7 +208,7 @@ def test_old_policy_fold_and_swap():
         (["--train.algorithm=nft", "--forward.nft_beta=0"], "forward.nft_beta"),
         (["--train.algorithm=awm", "--train.steps_per_epoch=2"], "train.steps_per_epoch"),
         (["--train.algorithm=nft", "--engine.zero_stage=3"], "engine.zero_stage"),
-        (["--train.algorithm=awm", "--forward.awm_weighting=huber"], "forward.awm_weighting"),
+        (["--train.algorithm=awm", "--forward.awm_weighting=cosine"], "forward.awm_weighting"),
     ],
 )
 def test_algorithm_config_errors_name_the_field(overrides, field):
@@ -416,3 +416,37 @@ def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
         o_a = torch.load(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / old)
         o_b = torch.load(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / old)
         assert all(torch.equal(o_a["shadow"][k], o_b["shadow"][k]) for k in o_a["shadow"])
+
+
+@pytest.mark.slow
+def test_nft_raises_the_training_reward_by_more_than_three_standard_errors(tmp_path):
+    """A short statistical run (not a timing): tiny SD3, jpeg_incompressibility, 20 epochs of
+    nft; the mean training reward of the last 4 epochs' rollouts exceeds that of the first 4 by
+    more than 3 standard errors of the difference (128 images each side)."""
+    proc = flowpo_main(
+        "train",
+        "-c",
+        "configs/tiny_sd3_jpeg.yaml",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.run_name=learn",
+        "--logging.wandb=off",
+        "--logging.progress=false",
+        "--eval.at_start=false",
+        "--eval.at_end=false",
+        "--eval.every=0",
+        "--train.algorithm=nft",
+        "--train.epochs=20",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = train_rows(tmp_path / "learn")
+    n = 32  # images per epoch: rollout.batch_size 16 x num_batches 2
+
+    def mean_and_se(part):
+        mean = sum(r["reward_mean"] for r in part) / len(part)
+        # pooled: each epoch's (population) variance about its mean plus the epoch means' spread
+        var = sum(r["reward_std"] ** 2 + (r["reward_mean"] - mean) ** 2 for r in part)
+        return mean, math.sqrt(var / len(part) / (n * len(part)))
+
+    first, se_first = mean_and_se(rows[:4])
+    last, se_last = mean_and_se(rows[-4:])
+    assert last - first > 3 * math.hypot(se_first, se_last), (first, last, se_first, se_last)

@@ -96,8 +96,8 @@ def awm_log_likelihood(
     v: Tensor, x0: Tensor, noise: Tensor, t: Tensor, *, weighting: str, power: float = 0.25
 ) -> Tensor:
     """§8 (1): AWM's per-sample log-likelihood surrogate -w(t) mean_D((v - u)^2), u = noise - x0,
-    with the published weightings uniform (1), t, t2 (t^2) and ghuber (the generalised Huber
-    ((e + 1e-10)^p - 1e-10^p) t / p of e = mean_D((v - u)^2))."""
+    with the published weightings uniform (1), t, t2 (t^2), huber ((sqrt(e + 1e-10) - 1e-5) t)
+    and ghuber (the generalised Huber ((e + 1e-10)^p - 1e-10^p) t / p), e = mean_D((v - u)^2)."""
     err = _mean_d((v.double() - (noise.double() - x0.double())) ** 2)
     td = t.double().reshape(-1)
     if weighting == "uniform":
@@ -106,6 +106,8 @@ def awm_log_likelihood(
         return -err * td
     if weighting == "t2":
         return -err * td**2
+    if weighting == "huber":
+        return -(torch.sqrt(err + 1e-10) - 1e-5) * td
     if weighting == "ghuber":
         floor = torch.tensor(1e-10, dtype=err.dtype, device=err.device)
         return -((err + 1e-10) ** power - floor**power) * td / power
