@@ -195,6 +195,8 @@ class _ForwardRL(Algorithm):
             ("train.clip_range_high", t.clip_range_high >= 0, "-1"),
             ("train.kl_estimator", t.kl_estimator != "flow_grpo", "flow_grpo"),
             ("sampling.sde_type", cfg.sampling.sde_type != "flow", "flow"),
+            ("sampling.logprob_reduce", cfg.sampling.logprob_reduce != "mean", "mean"),
+            ("sampling.cps_legacy_scale", cfg.sampling.cps_legacy_scale, "false"),
         ]
         for key, bad, default in grpo_only:
             if bad:
@@ -220,7 +222,10 @@ class _ForwardRL(Algorithm):
         if cfg.forward.nft_beta <= 0:
             raise ConfigError(f"forward.nft_beta ({cfg.forward.nft_beta}) must be > 0")
         if cfg.forward.old_decay_rate < 0 or cfg.forward.old_decay_max >= 1:
-            raise ConfigError("forward.old_decay_rate must be >= 0 and old_decay_max < 1")
+            raise ConfigError(
+                f"forward.old_decay_rate ({cfg.forward.old_decay_rate}) must be >= 0 and "
+                f"forward.old_decay_max ({cfg.forward.old_decay_max}) < 1 (< 0: the published cap)"
+            )
 
     @classmethod
     def times_mode_of(cls, cfg: Config) -> str:
