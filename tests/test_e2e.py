@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import NO_EVAL, flowpo_main, train_rows
+from tests.conftest import NO_EVAL, flowpo_main, run_flowpo, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +158,27 @@ def test_bf16_full_fine_tuning_with_kl(tmp_path):
     bad = flowpo_main(*args, "--logging.run_name=bad", "--engine.precision=bf16", *COMMON)
     assert bad.returncode != 0
     assert "set model.dtype=bfloat16" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_identical_runs_are_bit_identical_in_this_process_and_in_a_fresh_one(tmp_path):
+    """Two identical runs give bit-identical metrics, weights and base model, one through
+    `flowpo.cli.main` in this process and one in a fresh `python -m flowpo` process, both copying
+    `tiny:sd3` from the session's tiny cache: what lets the other tests run the CLI in-process."""
+    args = ["train", "-c", "configs/tiny_sd3_jpeg.yaml", f"--logging.run_dir={tmp_path}",
+            "--train.epochs=2", *COMMON, *NO_EVAL]  # fmt: skip
+    here = flowpo_main(*args, "--logging.run_name=here")
+    fresh = run_flowpo(*args, "--logging.run_name=fresh")
+    for proc in (here, fresh):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    a, b = tmp_path / "here", tmp_path / "fresh"
+    rows_a, rows_b = train_rows(a), train_rows(b)
+    assert len(rows_a) == 2
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == {
+            k: v for k, v in rb.items() if not k.startswith("time/")
+        }
+    for d in ("base_model", "checkpoints/checkpoint-1"):
+        files = sorted(f.relative_to(a / d) for f in (a / d).rglob("*.safetensors"))
+        assert files
+        for f in files:
+            assert (a / d / f).read_bytes() == (b / d / f).read_bytes(), f

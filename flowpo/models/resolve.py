@@ -61,13 +61,14 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _tiny_source_digest() -> str:
-    """What a tiny model's bytes depend on: the builders' source and the library versions."""
+    """What a tiny model's bytes depend on: the models layer's source (the builders, the Bagel
+    modeling code) and the library versions."""
     import diffusers
     import transformers
 
     models = Path(__file__).resolve().parent
     h = hashlib.sha256(f"{diffusers.__version__} {transformers.__version__}".encode())
-    for f in sorted([*models.glob("tiny*.py"), models / "bagel" / "tiny.py"]):
+    for f in sorted(models.rglob("*.py")):
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -75,7 +76,7 @@ def _tiny_source_digest() -> str:
 def cached_tiny(family: str, cache_dir: str | Path, *, seed: int = 0) -> str:
     """The tiny `family` model of `seed` in `cache_dir`, built there on first use (`make_tiny`,
     written to a temporary directory and renamed into place, so concurrent processes never see a
-    partial model); keyed by family, seed and the builders' source. Returns its directory."""
+    partial model); keyed by family, seed and the models layer's source. Returns its directory."""
     from flowpo.models.tiny import make_tiny
 
     cache = Path(cache_dir)
