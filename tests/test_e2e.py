@@ -85,9 +85,13 @@ def test_three_epochs_then_resume(tmp_path):
         grids[tag] = np.asarray(Image.open(out), dtype=np.float32)
     assert np.abs(grids["base"] - grids["tuned"]).max() > 0
 
+    start = json.loads((run / "summary.json").read_text())["eval_start"]
     proc = flowpo_main(*args, "--train.epochs=5", "--resume", "latest")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "at epoch 3" in proc.stdout
+    # the start evaluation comes from the checkpoint's trainer state, not a new evaluation
+    assert "eval [start]" not in proc.stdout and "eval [end]" in proc.stdout
+    assert json.loads((run / "summary.json").read_text())["eval_start"] == start
     assert [r["epoch"] for r in train_rows(run)] == [0, 1, 2, 3, 4]
     assert (ckpts / "latest").read_text().strip() == "checkpoint-4"
 
