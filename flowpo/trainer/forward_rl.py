@@ -214,9 +214,11 @@ class _ForwardRL(Algorithm):
                 f"rollout.timestep_fraction={r.timestep_fraction}); set forward.num_times"
             )
         if cfg.engine.zero_stage == 3:
+            # measured: on 2 ranks the swapped-in shards do not reach the gathered forward
+            # (train/old_deviation stays 0), also after re-gathering the persistent parameters
             raise ConfigError(
                 f"train.algorithm={name} with engine.zero_stage=3 is not supported yet (the "
-                "old-policy swap does not reach ZeRO-3's persistent gathered parameters); use "
+                "old-policy weight swap does not reach ZeRO-3's gathered parameters); use "
                 "engine.zero_stage=0 or 2"
             )
         if cfg.forward.nft_beta <= 0:
