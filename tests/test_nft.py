@@ -265,10 +265,10 @@ def test_nft_trains_two_epochs_and_resumes_bit_identically(tmp_path):
 
 @pytest.mark.slow
 def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_path):
-    """§6.7 for nft: one update of the same 8 clean samples (per-sample training times and
-    noise keyed by the global sample index) gives the same weights and gradient norm on one
-    rank (micro-batch 8, or 4 x 2 accumulation) and on two ranks under ZeRO-2, LoRA and full
-    fine-tuning, with the KL to the reference."""
+    """§6.7 for nft (and awm): one update of the same 8 clean samples (per-sample training
+    times and noise keyed by the global sample index) gives the same weights and gradient norm
+    on one rank (micro-batch 8, or 4 x 2 accumulation) and on two ranks under ZeRO-2, LoRA and
+    full fine-tuning, with the KL to the reference."""
     import subprocess
     import sys
     from pathlib import Path
@@ -278,14 +278,17 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
 
     sd3 = tiny_dirs["sd3"]
     nft = ["--train.algorithm=nft", "--train.learning_rate=1e-4", "--train.beta=0.01"]
+    awm = ["--train.algorithm=awm", "--train.learning_rate=1e-4", "--train.beta=0.01"]
     one = {
         "lora_mb8": nft,
         "lora_mb4x2": [*nft, "--train.micro_batch_size=4"],
         "full_mb8": [*nft, "--train.lora=false"],
+        "awm_mb8": awm,
     }
     two = {
         "lora_z2": [*nft, "--engine.zero_stage=2"],
         "full_z2": [*nft, "--train.lora=false", "--engine.zero_stage=2"],
+        "awm_z2": [*awm, "--engine.zero_stage=2"],
     }
     with as_fresh_process():
         res = run_cases(sd3, one, tmp_path / "runs")
@@ -307,7 +310,7 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res.update(torch.load(out, weights_only=False))
-    for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8")):
+    for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8"), ("awm", "awm_mb8")):
         ref = res[ref_name]
         assert math.isfinite(ref["loss"]) and ref["grad_norm"] > 0
         for name, r in res.items():
