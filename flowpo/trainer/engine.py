@@ -327,6 +327,23 @@ class Engine(Collectives):
             norm = getattr(self, "_local_norm", None)
         return float(norm) if norm is not None else float("nan")
 
+    def refresh_gathered(self, params) -> None:
+        """ZeRO-3: after the partitions (ds_tensor) of `params` were changed in place (a weight
+        swap, e.g. DiffusionNFT's old policy), drop the stale whole copies of those currently
+        gathered (the persistent ones stay gathered between forwards), then re-gather the
+        persistent ones, as DeepSpeed does after an optimizer step. Collective; a no-op
+        without ZeRO-3."""
+        if not self.zero3:
+            return
+        held = [
+            p for p in params if getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
+        ]
+        if held:
+            held[0].partition(held)  # frees the whole copies; the partitions stay as they are
+        persistent = [p for p in held if getattr(p, "ds_persist", False)]
+        if persistent:
+            persistent[0].all_gather(persistent)
+
     @contextlib.contextmanager
     def reference(self):
         """The frozen base policy: LoRA adapters disabled, or the frozen copy (full FT)."""

@@ -136,10 +136,15 @@ class OldPolicy:
     """The old policy: a float32 EMA of the trainable weights (this rank's shards under ZeRO-3,
     the LoRA weights under LoRA), switched into the engine's module inside `applied()` the way
     the reference policy is. Starts as a copy of the weights; `fold(eta)` after each epoch sets
-    old <- eta old + (1 - eta) theta."""
+    old <- eta old + (1 - eta) theta.
 
-    def __init__(self, module):
+    refresh(params): called after the weights are swapped in and after they are swapped back
+    (the engine's `refresh_gathered`: under ZeRO-3 the whole copies of gathered parameters
+    would not see a swap of their partitions). Collective there."""
+
+    def __init__(self, module, refresh=None):
         self.ema = EMA(module, decay=0.0, update_interval=1, warmup=False)
+        self.refresh = refresh or (lambda params: None)
 
     @torch.no_grad()
     def fold(self, eta: float) -> None:
@@ -147,8 +152,15 @@ class OldPolicy:
             d = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
             self.ema.shadow[n].mul_(eta).add_(d.float(), alpha=1.0 - eta)
 
+    @contextlib.contextmanager
     def applied(self):
-        return self.ema.applied()
+        params = list(self.ema.params.values())
+        try:
+            with self.ema.applied():
+                self.refresh(params)
+                yield
+        finally:
+            self.refresh(params)
 
     def save(self, path) -> None:
         self.ema.save(path)
@@ -213,14 +225,6 @@ class _ForwardRL(Algorithm):
                 f"but {times} times allow 1..{lim - 1} (sampling.num_steps={steps}, "
                 f"rollout.timestep_fraction={r.timestep_fraction}); set forward.num_times"
             )
-        if cfg.engine.zero_stage == 3:
-            # measured: on 2 ranks the swapped-in shards do not reach the gathered forward
-            # (train/old_deviation stays 0), also after re-gathering the persistent parameters
-            raise ConfigError(
-                f"train.algorithm={name} with engine.zero_stage=3 is not supported yet (the "
-                "old-policy weight swap does not reach ZeRO-3's gathered parameters); use "
-                "engine.zero_stage=0 or 2"
-            )
         if cfg.forward.nft_beta <= 0:
             raise ConfigError(f"forward.nft_beta ({cfg.forward.nft_beta}) must be > 0")
         if cfg.forward.old_decay_rate < 0 or cfg.forward.old_decay_max >= 1:
@@ -253,7 +257,8 @@ class _ForwardRL(Algorithm):
         rollout (a copy of the initial policy), or after a resume's load (then overwritten by
         the checkpoint's old-policy state)."""
         if self._old is None:
-            self._old = OldPolicy(self.trainer.engine.module)
+            engine = self.trainer.engine
+            self._old = OldPolicy(engine.module, refresh=engine.refresh_gathered)
         return self._old
 
     def plan_shape(self) -> tuple[int, int]:
