@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flowpo.config import ConfigError, apply_overrides, config_from_dict, load_config
 
-PRETRAIN_STEPS = 6000  # the committed shapes-world base (flowpo/tasks/shapes/base_model)
+PRETRAIN_STEPS = 4000  # the committed shapes-world base (flowpo/tasks/shapes/base_model)
 
 TRAIN_HELP = """Run online RL (Flow-GRPO) on a flow-matching model.
 

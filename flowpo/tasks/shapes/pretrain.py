@@ -2,7 +2,7 @@
 32x32 RGB with 4x4 patches, CLIP x2 + T5 text encoders trained jointly) by rectified-flow
 matching on rendered (prompt, image) pairs of the training split.
 
-    flowpo pretrain-shapes OUT_DIR [--steps 6000] [--batch-size 64] [--resume OUT_DIR]
+    flowpo pretrain-shapes OUT_DIR [--steps 4000] [--batch-size 64] [--resume OUT_DIR]
 
 Captions are noisy the way web alt-text is (the reason real base models are weak at GenEval's
 compositional tags): a `position` caption's relation holds only when its scene was drawn to

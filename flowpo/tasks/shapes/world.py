@@ -4,7 +4,7 @@ Vocabulary: 5 shapes x 4 colours on a white 32x32 canvas, counts 1-4, four relat
 Prompts follow GenEval's six tags and its metadata format (arXiv 2310.11513): each prompt has
 `include` clauses {class, count[, color][, position: [relation, clause_index]]} and, for
 counting, an `exclude` clause {class, count: n+1}. The renderer draws a prompt's scene with
-black ink where the prompt names no colour, and random non-touching placement.
+black ink where the prompt names no colour, and random non-touching placement on a 4-px grid.
 """
 
 from __future__ import annotations
@@ -48,9 +48,12 @@ HELDOUT_PER_TAG = {
     "color_attr": 8,
 }
 SPLIT_SEED = 1234
-# object bounding-box side in pixels: one size (9 px), so a drawing varies only in what the
-# prompt leaves free (placement); up to 6 objects fit (3 per row with the gap)
-MIN_SIDE, MAX_SIDE = 9, 9
+# objects are 8x8 px and sit on a 4-px grid, the base model's patch size: every object covers
+# exactly 2x2 patches, so a patch holds one quarter of one shape (the first world's free sizes
+# and positions left shape outlines across patch borders, and a tiny model drew them ragged);
+# up to 9 objects fit (3 per row with a 4-px gap)
+MIN_SIDE, MAX_SIDE = 8, 8
+GRID = 4
 GAP = 2  # minimum free pixels between objects, so components never touch
 
 
@@ -244,8 +247,8 @@ def scene_for(meta: dict[str, Any], rng: random.Random, max_tries: int = 200) ->
                 o = Obj(
                     shape,
                     color or DEFAULT_COLOR,
-                    rng.randint(0, SIZE - side),
-                    rng.randint(0, SIZE - side),
+                    GRID * rng.randint(0, (SIZE - side) // GRID),
+                    GRID * rng.randint(0, (SIZE - side) // GRID),
                     side,
                 )
                 if not _free(o.box, placed):
