@@ -459,10 +459,14 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tin
     """Under ZeRO-3 the old policy is swapped into the partitions, and the whole copies of
     gathered parameters (LoRA weights are small enough to stay gathered at the template's
     persistence threshold) are dropped and re-gathered around the swap (Engine.refresh_gathered):
-    3 epochs on 2 ranks give ZeRO-2's numbers, with the old policy well away from the policy."""
+    3 epochs on 2 ranks give ZeRO-2's numbers, with the old policy well away from the policy.
+    The same swap serves train.ema (evaluation, trainable_ema.safetensors): ZeRO-3's EMA export
+    is ZeRO-2's, not the current weights."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     from tests.conftest import ENV, ROOT, free_port
 
@@ -494,6 +498,8 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tin
             "--train.learning_rate=3e-2",
             "--forward.old_decay_rate=0.5",
             "--forward.old_decay_max=0.9",
+            "--train.ema=true",
+            "--train.ema_update_interval=1",
             f"--engine.zero_stage={stage}",
             "--eval.at_start=false",
             "--eval.at_end=false",
@@ -508,3 +514,10 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tin
     for a, b in zip(z2, z3, strict=True):
         for key in ("reward_mean", "train/loss", "train/old_deviation", "train/grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["epoch"], key, a[key], b[key])
+    ckpt = "checkpoints/checkpoint-2"
+    ema2 = load_file(str(tmp_path / "z2" / ckpt / "trainable_ema.safetensors"))
+    ema3 = load_file(str(tmp_path / "z3" / ckpt / "trainable_ema.safetensors"))
+    now3 = load_file(str(tmp_path / "z3" / ckpt / "trainable.safetensors"))
+    assert max(float((ema3[k] - now3[k]).abs().max()) for k in now3) > 1e-3
+    for k, w in ema2.items():
+        torch.testing.assert_close(ema3[k], w, atol=1e-5, rtol=0)

@@ -18,7 +18,7 @@ folds the weights in after each optimizer step. The checkpoint files are `traine
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,7 +40,11 @@ class EMA:
         decay: float = 0.9,
         update_interval: int = 1,
         warmup: bool = True,
+        refresh: Callable[[list[nn.Parameter]], None] | None = None,
     ):
+        """refresh(params): called after `applied()` writes the EMA weights in and after it
+        restores the training ones; the engine's `refresh_gathered` (under ZeRO-3 the whole
+        copies of gathered parameters would not see a change of their partitions)."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"train.ema_decay ({decay}) must be in [0, 1)")
         if update_interval < 1:
@@ -51,6 +55,7 @@ class EMA:
             raise ValueError("EMA: the module has no trainable parameters")
         self.shadow = {n: _data(p).detach().float().clone() for n, p in self.params.items()}
         self.num_updates = 0
+        self.refresh = refresh or (lambda params: None)
 
     def current_decay(self, step: int) -> float:
         """Decay used at optimizer step `step`: min((1 + step) / (10 + step), decay) with
@@ -74,17 +79,20 @@ class EMA:
         """The module runs with the EMA weights inside the block; the training weights are
         restored on exit (also after an exception)."""
         saved = {}
+        params = list(self.params.values())
         with torch.no_grad():
             for n, p in self.params.items():
                 d = _data(p)
                 saved[n] = d.clone()
                 d.copy_(self.shadow[n].to(d.dtype))
         try:
+            self.refresh(params)
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
                     _data(p).copy_(saved[n])
+            self.refresh(params)
 
     def state_dict(self) -> dict:
         return {
@@ -130,6 +138,7 @@ class TrainingEMA:
                 decay=t.ema_decay,
                 update_interval=t.ema_update_interval,
                 warmup=t.ema_warmup,
+                refresh=getattr(self.engine, "refresh_gathered", None),
             )
             self._seen = self.engine.optimizer_steps
         return self._ema

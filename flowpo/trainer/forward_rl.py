@@ -138,13 +138,10 @@ class OldPolicy:
     the reference policy is. Starts as a copy of the weights; `fold(eta)` after each epoch sets
     old <- eta old + (1 - eta) theta.
 
-    refresh(params): called after the weights are swapped in and after they are swapped back
-    (the engine's `refresh_gathered`: under ZeRO-3 the whole copies of gathered parameters
-    would not see a swap of their partitions). Collective there."""
+    refresh: the engine's `refresh_gathered`, run around each swap (see `EMA`)."""
 
     def __init__(self, module, refresh=None):
-        self.ema = EMA(module, decay=0.0, update_interval=1, warmup=False)
-        self.refresh = refresh or (lambda params: None)
+        self.ema = EMA(module, decay=0.0, update_interval=1, warmup=False, refresh=refresh)
 
     @torch.no_grad()
     def fold(self, eta: float) -> None:
@@ -152,15 +149,8 @@ class OldPolicy:
             d = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
             self.ema.shadow[n].mul_(eta).add_(d.float(), alpha=1.0 - eta)
 
-    @contextlib.contextmanager
     def applied(self):
-        params = list(self.ema.params.values())
-        try:
-            with self.ema.applied():
-                self.refresh(params)
-                yield
-        finally:
-            self.refresh(params)
+        return self.ema.applied()
 
     def save(self, path) -> None:
         self.ema.save(path)
