@@ -13,13 +13,13 @@ import math
 
 import pytest
 
-from tests.conftest import run_flowpo
+from tests.conftest import NO_EVAL, flowpo_main
 
 pytestmark = pytest.mark.slow
 
 
 def test_shapes_job_and_eval(tmp_path):
-    proc = run_flowpo(
+    proc = flowpo_main(
         "train",
         f"--logging.run_dir={tmp_path}",
         "--logging.run_name=rl",
@@ -49,7 +49,7 @@ def test_shapes_job_and_eval(tmp_path):
         assert (run / name).is_file(), name
 
     out = tmp_path / "eval"
-    ev = run_flowpo(
+    ev = flowpo_main(
         "eval",
         "--checkpoint",
         str(run / "checkpoints" / "checkpoint-1"),
@@ -79,7 +79,7 @@ def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_
                      {"class": "circle", "count": 1, "position": ["right of", 0]}]},
     ]  # fmt: skip
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    proc = run_flowpo(
+    proc = flowpo_main(
         "train",
         f"--logging.run_dir={tmp_path}",
         "--logging.run_name=stat",
@@ -94,6 +94,7 @@ def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_
         "--eval.num_prompts=4",
         "--eval.seeds=0",
         "--reward.weights={jpeg_incompressibility: 1.0}",
+        *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(ln) for ln in (tmp_path / "stat" / "metrics.jsonl").read_text().splitlines()]
