@@ -134,6 +134,20 @@ def test_nft_with_every_r_one_is_flow_matching_toward_the_samples(beta):
         assert ((v.grad * (v_old - u)).sum((1, 2, 3)) > 0).all()
 
 
+@pytest.mark.parametrize("beta", [0.1, 1.0, 2.0])
+def test_nft_per_sample_optimum_is_old_plus_signed_step_toward_the_sample(beta):
+    """§7 invariant 4 (plain weighting): per sample, L is minimised at
+    v = v_old + (2r - 1)(u - v_old) / beta: toward the sample for r > 1/2, away below."""
+    x0, noise, t, v_old, _ = (z.double() for z in _batch(17))
+    r = torch.tensor([0.0, 0.2, 0.5, 0.8, 1.0], dtype=torch.float64)
+    u = noise - x0
+    step = ((2 * r - 1) / beta).view(-1, 1, 1, 1)
+    v = (v_old + step * (u - v_old)).requires_grad_(True)
+    loss, _ = nft_loss(v, v_old, x0, noise, t, r, beta=beta, adaptive=False)
+    loss.backward()
+    assert v.grad.abs().max() < 1e-12
+
+
 def test_optimality_probability_is_the_clipped_normalised_advantage():
     adv = torch.tensor([-7.0, -5.0, -2.5, 0.0, 1.0, 5.0, 9.0])
     r = optimality_probability(adv, adv_clip_max=5.0)
