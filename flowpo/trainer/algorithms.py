@@ -26,69 +26,15 @@ Shapes: B samples of a micro-batch, K items per sample, R images per sample.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import ClassVar
 
-from torch import Tensor
-
-from flowpo.config import Config
+from flowpo.trainer import forward_rl  # noqa: F401  (registers nft and awm)
+from flowpo.trainer.algorithm import (  # noqa: F401  (re-exported: the registry's home)
+    ALGORITHM_REGISTRY,
+    Algorithm,
+    register_algorithm,
+)
 from flowpo.trainer.rollout import Rollout, sample_rollout
 from flowpo.trainer.update import StepLoss, reference_policy, step_loss
-
-ALGORITHM_REGISTRY: dict[str, type[Algorithm]] = {}
-
-
-def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
-    def deco(cls: type[Algorithm]) -> type[Algorithm]:
-        cls.name = name
-        ALGORITHM_REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def build_algorithm(trainer) -> Algorithm:
-    """The algorithm named by train.algorithm, bound to a set-up trainer (adapter, engine,
-    plan, sizes, generators)."""
-    return ALGORITHM_REGISTRY[trainer.cfg.train.algorithm](trainer)
-
-
-class Algorithm:
-    """Base: see the module docstring. `trainer` is the GRPOTrainer that runs the loop."""
-
-    name: ClassVar[str] = ""
-    rollouts: ClassVar[str] = "SDE rollouts"  # how training images are sampled (the summary)
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.cfg: Config = trainer.cfg
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """Raise ConfigError (naming the field and the fix) for settings this cannot run."""
-
-    def plan_shape(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def sample_batch(self, embeds, epoch: int, batch: int, sigmas: Tensor, gen):
-        raise NotImplementedError
-
-    def cat(self, parts: list):
-        raise NotImplementedError
-
-    def begin_update(self, data, epoch: int) -> None:
-        """Called once per epoch before the first micro-batch."""
-
-    def loss(self, sub, j: int, embeds, adv: Tensor, *, epoch: int, start: int) -> StepLoss:
-        raise NotImplementedError
-
-    def end_update(self, epoch: int) -> dict[str, float]:
-        """Called once per epoch after the last engine step; returns extra metrics."""
-        return {}
-
-    def states(self) -> dict:
-        """name -> object with save(path)/load(path) (an EMA), saved per rank."""
-        return {}
 
 
 @register_algorithm("grpo")
@@ -122,10 +68,7 @@ class GRPO(Algorithm):
         )  # fmt: skip
 
 
-def _register_forward_algorithms() -> None:
-    # nft and awm live in forward_rl.py (which imports this module); importing it here fills
-    # the registry whenever the registry is imported
-    import flowpo.trainer.forward_rl  # noqa: F401
-
-
-_register_forward_algorithms()
+def build_algorithm(trainer) -> Algorithm:
+    """The algorithm named by train.algorithm, bound to a set-up trainer (adapter, engine,
+    plan, sizes, generators)."""
+    return ALGORITHM_REGISTRY[trainer.cfg.train.algorithm](trainer)

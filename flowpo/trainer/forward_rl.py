@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flowpo.config import Config, ConfigError
 from flowpo.sde import ode_step
-from flowpo.trainer.algorithms import Algorithm, register_algorithm
+from flowpo.trainer.algorithm import Algorithm, register_algorithm
 from flowpo.trainer.ema import EMA
 from flowpo.trainer.losses import clipped_policy_loss
 from flowpo.trainer.update import StepLoss, reference_policy
