@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from tests.conftest import NO_EVAL, flowpo_main
+from tests.conftest import NO_EVAL, flowpo_main, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_shapes_job_and_eval(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "rl"
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 2 and all(r["train/first_ratio_max_dev"] <= 1e-6 for r in train)
     evals = [r for r in rows if "eval/acc/overall" in r]
@@ -40,6 +40,10 @@ def test_shapes_job_and_eval(tmp_path):
     assert all(0.0 <= r["eval/acc/overall"] <= 1.0 for r in evals)
     assert "strict accuracy per tag (12 samples)" in proc.stdout
     assert "before   after   change" in proc.stdout
+    # the default recipe reports training-prompt accuracy and the drawing statistics too
+    assert "training prompts, strict accuracy per tag (64 samples)" in proc.stdout
+    assert "detected objects recognised as shapes" in proc.stdout
+    assert all("eval_train/acc/overall" in r for r in evals)
     for name in (
         "samples_start.png",
         "samples_epoch0.png",
@@ -97,7 +101,7 @@ def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_
         *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (tmp_path / "stat" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "stat")
     train = [r for r in rows if "train/loss" in r]
     n = 32  # images per epoch
     first = train[0]
