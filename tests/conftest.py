@@ -122,12 +122,51 @@ def flowpo_main(*args: str, **env: str) -> Completed:
     return Completed(code, out.getvalue(), err.getvalue())
 
 
-def train_rows(run: Path) -> list[dict]:
-    """The training rows of RUN/metrics.jsonl (evaluation rows carry only eval/ keys)."""
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """The command line of `torchrun` with NPROC local ranks on a free loopback port."""
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run CMD in a fresh process (cwd ROOT, env ENV, text output captured) and assert it exits
+    0, showing the tail of its output otherwise."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """Every row of RUN/metrics.jsonl, training and evaluation, in the order written."""
     import json
 
-    rows = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run: Path) -> list[dict]:
+    """The training rows of RUN/metrics.jsonl (evaluation rows carry only eval/ keys)."""
+    return [r for r in metrics_rows(run) if "train/loss" in r]
+
+
+def euler_sample(adapter, x, embeds, steps: int):
+    """The plain ODE loop the trainer's sampler reduces to, without gradients:
+    x += (σ_{i+1} − σ_i)·v(x, σ_i) over the adapter's `steps`-step schedule."""
+    import torch
+
+    sig = adapter.sigmas(steps, x)
+    with torch.no_grad():
+        for i in range(steps):
+            v = adapter.velocity(x, sig[i].expand(x.shape[0]), embeds)
+            x = x + (sig[i + 1] - sig[i]) * v
+    return x
 
 
 # Training runs that check the training mechanics only (losses, ratios, checkpoints): no start

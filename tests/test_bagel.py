@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.bagel_spec import spec_velocity
-from tests.conftest import NO_EVAL, flowpo_main
+from tests.conftest import NO_EVAL, flowpo_main, run_ok, torchrun_cmd, train_rows
 
 # docs/bagel.md §2, per-layer table: name suffix -> shape in the symbols of §1
 PER_LAYER = {
@@ -447,8 +447,7 @@ def _train(tmp_path, name, *extra):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = tmp_path / name
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return run, [r for r in rows if "train/loss" in r]
+    return run, train_rows(run)
 
 
 @pytest.mark.slow
@@ -481,7 +480,6 @@ def test_full_epoch_changes_only_the_moe_gen_parameters(tmp_path):
 def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, zero3_threshold0, tmp_path):
     from tests.conftest import ROOT, as_fresh_process
     from tests.dist_update import run_cases
-    from tests.test_distributed import _run, _torchrun
 
     common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
     z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
@@ -494,7 +492,9 @@ def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, zero3_threshold
         res = run_cases(bagel_dir, cases[1], tmp_path / "runs", "tiny_bagel_jpeg")
     script = str(Path(ROOT) / "tests" / "dist_update.py")
     out = tmp_path / "w2.pt"
-    _run(_torchrun(2, script, bagel_dir, str(out), json.dumps(cases[2]), "tiny_bagel_jpeg"), 900)
+    run_ok(
+        torchrun_cmd(2, script, bagel_dir, str(out), json.dumps(cases[2]), "tiny_bagel_jpeg"), 900
+    )
     res.update(torch.load(out, weights_only=False))
     base = load_file(f"{bagel_dir}/ema.safetensors")
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)

@@ -17,6 +17,7 @@ from flowpo.models.base import (
     load_adapter,
 )
 from flowpo.models.tiny import make_tiny
+from tests.conftest import euler_sample
 
 PROMPTS = ["a photo of a red cat", "two blue squares above a green circle"]
 
@@ -29,16 +30,6 @@ def sd3(tiny_dirs) -> ModelAdapter:
 @pytest.fixture(scope="module")
 def flux(tiny_dirs) -> ModelAdapter:
     return load_adapter("flux", tiny_dirs["flux"], guidance_scale=3.5)
-
-
-def _euler(adapter: ModelAdapter, x: torch.Tensor, embeds: PromptEmbeds, steps: int):
-    """The plain ODE loop the trainer's sampler reduces to: x += (σ_{i+1} − σ_i)·v."""
-    sig = adapter.sigmas(steps, x)
-    with torch.no_grad():
-        for i in range(steps):
-            v = adapter.velocity(x, sig[i].expand(x.shape[0]), embeds)
-            x = x + (sig[i + 1] - sig[i]) * v
-    return x
 
 
 # ---- layout and loading ---------------------------------------------------------------------
@@ -341,7 +332,7 @@ def test_sd3_euler_loop_with_cfg_matches_the_pipeline_call(sd3, tiny_dirs):
                latents=x0.clone(), max_sequence_length=sd3.max_sequence_length,
                output_type="latent").images  # fmt: skip
     e = sd3.encode_prompts(PROMPTS)
-    mine = _euler(sd3, x0, e, 6)
+    mine = euler_sample(sd3, x0, e, 6)
     # close, not equal: text encoders see other batch sizes there ("" ×2 vs ×1): ulp-level
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
     # given the same embeddings the loop is bit-identical to the pipeline's
@@ -366,7 +357,7 @@ def test_flux_euler_loop_matches_the_pipeline_call(flux, tiny_dirs):
     ref = pipe(PROMPTS, height=32, width=32, num_inference_steps=5, guidance_scale=3.5,
                latents=x0.clone(), max_sequence_length=flux.max_sequence_length,
                output_type="latent").images  # fmt: skip
-    mine = _euler(flux, x0, flux.encode_prompts(PROMPTS), 5)
+    mine = euler_sample(flux, x0, flux.encode_prompts(PROMPTS), 5)
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -25,8 +25,11 @@ from tests.conftest import (
     ROOT,
     add_active_lora,
     as_fresh_process,
+    euler_sample,
     flowpo_main,
+    run_ok,
     tiny_model,
+    torchrun_cmd,
     train_rows,
 )
 
@@ -53,14 +56,6 @@ def pipe(qwen_dir):
     p.set_progress_bar_config(disable=True)
     p.text_encoder.requires_grad_(False)
     return p
-
-
-def _euler(adapter, x, embeds, steps):
-    sig = adapter.sigmas(steps, x)
-    with torch.no_grad():
-        for i in range(steps):
-            x = x + (sig[i + 1] - sig[i]) * adapter.velocity(x, sig[i].expand(x.shape[0]), embeds)
-    return x
 
 
 # ---- layout --------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def test_euler_loop_with_true_cfg_matches_the_pipeline_call(qwen, pipe):
     ref = pipe(PROMPTS, negative_prompt=" ", true_cfg_scale=G, height=32, width=32,
                num_inference_steps=6, latents=x0.clone(), output_type="latent").images  # fmt: skip
     e = qwen.encode_prompts(PROMPTS)
-    mine = _euler(qwen, x0, e, 6)
+    mine = euler_sample(qwen, x0, e, 6)
     # close, not equal: one batched [uncond; cond] forward with padding vs two forwards
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
     same = pipe(prompt_embeds=e.prompt_embeds, prompt_embeds_mask=e.mask,
@@ -461,7 +456,6 @@ def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold
     from safetensors.torch import load_file
 
     from tests.dist_update import run_cases
-    from tests.test_distributed import _run, _torchrun
 
     common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
     z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
@@ -475,7 +469,7 @@ def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold
     with as_fresh_process():  # the one-rank reference, in this process
         res = run_cases(qwen_dir, one, tmp_path / "runs", "tiny_qwen_image_jpeg")
     out = tmp_path / "w2.pt"
-    _run(_torchrun(2, script, qwen_dir, str(out), json.dumps(two), "tiny_qwen_image_jpeg"))
+    run_ok(torchrun_cmd(2, script, qwen_dir, str(out), json.dumps(two), "tiny_qwen_image_jpeg"))
     res.update(torch.load(out, weights_only=False))
     base = load_file(str(Path(qwen_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)

@@ -28,7 +28,7 @@ from flowpo.rewards.base import RewardError, RewardOutput, WeightedReward, build
 from flowpo.rewards.client import RemoteReward, RewardServiceError, encode_png
 from flowpo.rewards.server import ThreadedServer as LoopbackServer
 from flowpo.rewards.server import create_app
-from tests.conftest import free_port
+from tests.conftest import free_port, metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -518,9 +518,7 @@ def test_training_through_a_served_reward_masks_failed_samples(tmp_path):
             f"--reward.options={opts}",
         )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [
-        json.loads(ln) for ln in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metrics_rows(tmp_path / "remote")
     train = [r for r in rows if "train/loss" in r]
     assert train and all(r["reward/masked"] > 0 for r in train)
     assert all(math.isfinite(r["train/loss"]) for r in train)
