@@ -25,8 +25,11 @@ from tests.conftest import (
     NO_EVAL,
     ROOT,
     as_fresh_process,
+    euler_sample,
     flowpo_main,
     free_port,
+    run_ok,
+    torchrun_cmd,
     train_rows,
 )
 
@@ -41,25 +44,6 @@ COMMON = [
     "--eval.seeds=0,1",
     "--train.beta=0.04",
 ]
-
-
-def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *args,
-    ]
-
-
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +85,7 @@ def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
     with as_fresh_process():  # the one-rank reference, in this process
         res = run_cases(sd3_dir, one, tmp_path / "runs")
     out = tmp_path / "w2.pt"
-    _run(_torchrun(2, script, sd3_dir, str(out), json.dumps(two)))
+    run_ok(torchrun_cmd(2, script, sd3_dir, str(out), json.dumps(two)))
     res.update(torch.load(out, weights_only=False))
 
     base = load_file(str(Path(sd3_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -176,7 +160,7 @@ def test_deepspeed_launcher_zero3_lora_ratio_one_and_lora_export(sd3_dir, tmp_pa
         *COMMON,
         *NO_EVAL,  # the training mechanics only
     ]
-    proc = _run(cmd)
+    proc = run_ok(cmd)
     assert "world_size=2" in proc.stdout
     assert "text encoders freed" in proc.stdout
     rows = train_rows(run)
@@ -225,8 +209,8 @@ def _assert_export_matches_policy(base_dir: str, ckpt: Path, out: Path, lora: bo
     ).images
     base = load_adapter("sd3", base_dir, guidance_scale=4.5)
     with torch.no_grad():
-        mine = _euler(policy, x0, emb, 4)
-        untouched = _euler(base, x0, base.encode_prompts(prompts), 4)
+        mine = euler_sample(policy, x0, emb, 4)
+        untouched = euler_sample(base, x0, base.encode_prompts(prompts), 4)
     torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
     assert (mine - untouched).abs().max() > 1e-6, "the trained weights must differ from the base"
     # and flowpo's own ODE sampler on the policy decodes the same images
@@ -234,20 +218,12 @@ def _assert_export_matches_policy(base_dir: str, ckpt: Path, out: Path, lora: bo
     assert imgs.shape[0] == 2
 
 
-def _euler(adapter, x, emb, steps):
-    sig = adapter.sigmas(steps, x)
-    for i in range(steps):
-        v = adapter.velocity(x, sig[i].expand(x.shape[0]), emb)
-        x = x + (sig[i + 1] - sig[i]) * v
-    return x
-
-
 # -- exact resume after SIGKILL, 2 ranks, ZeRO-3 full fine-tuning, CFG, β > 0 --------------------
 def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     sd3_dir, zero3_threshold0, tmp_path
 ):
     def train_cmd(name: str, *extra: str) -> list[str]:
-        return _torchrun(
+        return torchrun_cmd(
             2,
             "-m",
             "flowpo",
@@ -272,7 +248,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
             *extra,
         )
 
-    straight = _run(train_cmd("straight", "--engine.shard_frozen=true"))
+    straight = run_ok(train_cmd("straight", "--engine.shard_frozen=true"))
     # frozen text encoders and VAE partitioned too (ZeRO-3 inference engines): rank 0 holds half
     sharded = re.findall(r"ZeRO-3 sharded (\w+): ([\d,]+) of ([\d,]+) parameters", straight.stdout)
     assert {name for name, *_ in sharded} >= {"text_encoder", "vae"}
@@ -303,7 +279,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
     done = [r["epoch"] for r in train_rows(tmp_path / "killed")]
     assert done[:2] == [0, 1] and len(done) < 4
 
-    resumed = _run(train_cmd("killed", "--engine.shard_frozen=true", "--resume", "latest"))
+    resumed = run_ok(train_cmd("killed", "--engine.shard_frozen=true", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
 
     straight, killed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "killed")
@@ -394,7 +370,7 @@ def test_unreachable_reward_service_stops_every_rank(sd3_dir, tmp_path):
     other at a barrier."""
     dead = f"http://127.0.0.1:{free_port()}"
     opts = f'{{jpeg_incompressibility: {{url: "{dead}", deadline_s: 2}}}}'
-    cmd = _torchrun(2, "-m", "flowpo", "train", "-c", "configs/tiny_sd3_jpeg.yaml")
+    cmd = torchrun_cmd(2, "-m", "flowpo", "train", "-c", "configs/tiny_sd3_jpeg.yaml")
     cmd += [f"--model.path={sd3_dir}", f"--logging.run_dir={tmp_path}", *COMMON]
     cmd += ["--logging.run_name=svc", f"--reward.options={opts}"]
     t0 = time.monotonic()
