@@ -136,6 +136,32 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     ]
 
 
+def sigkill_at_checkpoint(cmd: list[str], run_dir: Path, checkpoint: str = "checkpoint-1"):
+    """Start CMD (a training run writing to RUN_DIR) in its own process group and SIGKILL the
+    whole group as soon as `checkpoints/latest` names CHECKPOINT; asserts it was killed, not
+    finished. For the exact-resume tests."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.is_file() and pointer.read_text().strip() == checkpoint:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
+
+
 def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run CMD in a fresh process (cwd ROOT, env ENV, text output captured) and assert it exits
     0, showing the tail of its output otherwise."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from tests.conftest import (
     flowpo_main,
     free_port,
     run_ok,
+    sigkill_at_checkpoint,
     torchrun_cmd,
     train_rows,
 )
@@ -258,23 +258,7 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
         )
 
     # the same run, killed (SIGKILL to the whole process group) once checkpoint-1 is the latest
-    proc = subprocess.Popen(
-        train_cmd("killed", "--engine.shard_frozen=true"),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() == "checkpoint-1":
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
+    sigkill_at_checkpoint(train_cmd("killed", "--engine.shard_frozen=true"), tmp_path / "killed")
     assert not (tmp_path / "killed" / "summary.json").is_file()
     done = [r["epoch"] for r in train_rows(tmp_path / "killed")]
     assert done[:2] == [0, 1] and len(done) < 4

@@ -20,7 +20,7 @@ from flowpo.trainer.forward_rl import (
     optimality_probability,
 )
 from flowpo.trainer.preflight import preflight
-from tests.conftest import flowpo_main, train_rows
+from tests.conftest import flowpo_main, run_ok, sigkill_at_checkpoint, torchrun_cmd, train_rows
 
 
 def _batch(seed: int, b: int = 5, shape=(3, 4, 4)):
@@ -282,11 +282,8 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
     times and noise keyed by the global sample index) gives the same weights and gradient norm
     on one rank (micro-batch 8, or 4 x 2 accumulation) and on two ranks under ZeRO-2, LoRA and
     full fine-tuning, with the KL to the reference."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from tests.conftest import ENV, ROOT, as_fresh_process, free_port
+    from tests.conftest import ROOT, as_fresh_process
     from tests.dist_update import run_cases
 
     sd3 = tiny_dirs["sd3"]
@@ -306,22 +303,7 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
     with as_fresh_process():
         res = run_cases(sd3, one, tmp_path / "runs")
     out = tmp_path / "w2.pt"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests" / "dist_update.py"),
-        sd3,
-        str(out),
-        json.dumps(two),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_ok(torchrun_cmd(2, str(ROOT / "tests" / "dist_update.py"), sd3, str(out), json.dumps(two)))
     res.update(torch.load(out, weights_only=False))
     for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8"), ("awm", "awm_mb8")):
         ref = res[ref_name]
@@ -341,26 +323,12 @@ def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
     """2 ranks, ZeRO-2, LoRA, β > 0, train.ema: a run SIGKILLed once checkpoint-1 is the latest
     and resumed gives the uninterrupted run's numbers and weights bit for bit (the old policy
     is restored from old_policy_rank{R}.pt)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from tests.conftest import ENV, ROOT, free_port
-
     def train_cmd(name: str, *extra: str) -> list[str]:
-        return [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
+        return torchrun_cmd(
+            2,
             "-m",
             "flowpo",
             "train",
@@ -385,31 +353,11 @@ def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
             "--eval.at_end=false",
             "--eval.every=0",
             *extra,
-        ]
+        )
 
-    def run(cmd):
-        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-        return p
-
+    run = run_ok
     run(train_cmd("straight"))
-    proc = subprocess.Popen(
-        train_cmd("killed"),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() == "checkpoint-1":
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
+    sigkill_at_checkpoint(train_cmd("killed"), tmp_path / "killed")
     assert [r["epoch"] for r in train_rows(tmp_path / "killed")][:2] == [0, 1]
     resumed = run(train_cmd("killed", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
@@ -476,23 +424,12 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tin
     3 epochs on 2 ranks give ZeRO-2's numbers, with the old policy well away from the policy.
     The same swap serves train.ema (evaluation, trainable_ema.safetensors): ZeRO-3's EMA export
     is ZeRO-2's, not the current weights."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from tests.conftest import ENV, ROOT, free_port
-
     def run(name: str, stage: int) -> list[dict]:
-        cmd = [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
+        cmd = torchrun_cmd(
+            2,
             "-m",
             "flowpo",
             "train",
@@ -518,9 +455,8 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tin
             "--eval.at_start=false",
             "--eval.at_end=false",
             "--eval.every=0",
-        ]
-        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        )
+        run_ok(cmd)
         return train_rows(tmp_path / name)
 
     z2, z3 = run("z2", 2), run("z3", 3)
