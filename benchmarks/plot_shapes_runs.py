@@ -6,7 +6,11 @@ Reads each run's `metrics.jsonl` (written by `flowpo train`), puts every evaluat
 cumulative wall time of the epochs before it (`time/epoch_s`: sampling, reward and training;
 the evaluations themselves are left out, so runs with different `eval.every` compare fairly),
 and writes OUT.csv (run, epoch, wall seconds, eval reward, overall and per-tag accuracy) and
-OUT.png (overall accuracy against minutes, one line per run). It prints the table too.
+OUT.png (overall accuracy against minutes). Runs given the same label (seeds of one recipe:
+`--labels grpo,grpo,grpo,nft,nft,nft`) are drawn as one line, the mean over runs at each
+evaluation epoch, with a band of ± one standard error over runs, at the mean wall time; the
+summary table (OUT_summary.csv) gives each label's mean ± SE start and end accuracy. It prints
+the tables too.
 Nothing is timed here: the times are what the runs measured; compare only runs made under the
 same load (docs/results.md says which ran side by side).
 """
@@ -56,6 +60,15 @@ def load_run(run_dir: Path) -> list[dict]:
     return out
 
 
+def _se(vals: list[float]) -> float:
+    """Standard error of the mean over runs (0 for a single run)."""
+    n = len(vals)
+    if n < 2:
+        return 0.0
+    m = sum(vals) / n
+    return (sum((v - m) ** 2 for v in vals) / (n - 1) / n) ** 0.5
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -68,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for run, label in zip(args.runs, labels):
         for row in load_run(run):
-            table.append({**row, "run": label})
+            table.append({**row, "run": label, "run_dir": str(run)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
@@ -87,12 +100,47 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label in labels:
-        rows = [r for r in table if r["run"] == label]
-        ax.plot([r["wall_s"] / 60 for r in rows], [r["overall"] for r in rows], "o-", label=label)
+    summary = []
+    for label in dict.fromkeys(labels):  # first-seen order
+        runs = [r for r in dict.fromkeys(x["run_dir"] for x in table if x["run"] == label)]
+        per_run = [[r for r in table if r["run_dir"] == d] for d in runs]
+        n_eval = min(len(rows) for rows in per_run)  # evaluations every run of the label has
+        xs, mean, se = [], [], []
+        for i in range(n_eval):
+            vals = [rows[i]["overall"] for rows in per_run]
+            xs.append(sum(rows[i]["wall_s"] for rows in per_run) / len(per_run) / 60)
+            mean.append(sum(vals) / len(vals))
+            se.append(_se(vals))
+        (line,) = ax.plot(xs, mean, "o-", label=f"{label} (n={len(per_run)})")
+        if len(per_run) > 1:
+            lo = [m - e for m, e in zip(mean, se)]
+            hi = [m + e for m, e in zip(mean, se)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        summary.append(
+            {
+                "label": label,
+                "runs": len(per_run),
+                "start": round(mean[0], 4),
+                "start_se": round(se[0], 4),
+                "end": round(mean[-1], 4),
+                "end_se": round(se[-1], 4),
+                "change_pt": round(100 * (mean[-1] - mean[0]), 1),
+                "end_minutes": round(xs[-1], 2),
+            }
+        )
+    with open(out.parent / (out.name + "_summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    print(f"\n{'label':<20} {'runs':>4} {'start':>14} {'end':>14} {'change':>8} {'minutes':>8}")
+    for r in summary:
+        print(
+            f"{r['label']:<20} {r['runs']:>4} {r['start']:>7.3f} ± {r['start_se']:.3f} "
+            f"{r['end']:>7.3f} ± {r['end_se']:.3f} {r['change_pt']:>+7.1f} {r['end_minutes']:>8.1f}"
+        )
     ax.set_xlabel("training wall time, minutes (evaluations excluded)")
     ax.set_ylabel("held-out strict accuracy (overall)")
-    ax.set_title("shapes world: accuracy vs wall time")
+    ax.set_title("shapes world: accuracy vs wall time (bands: ± 1 SE over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
