@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from flowpo.models.base import ModelLoadError
     from flowpo.rewards.client import RewardServiceError
+    from flowpo.trainer.nonfinite import TrainingDiverged
     from flowpo.trainer.tracking import quiet_libraries
 
     quiet_libraries()
@@ -468,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-prompts":
             return cmd_make_prompts(args)
         return cmd_make_tiny(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, RewardServiceError) as e:
+    except (
+        ConfigError,
+        ModelLoadError,
+        FileNotFoundError,
+        RewardServiceError,
+        TrainingDiverged,
+    ) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2
 

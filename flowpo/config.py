@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,11 @@ class TrainConfig:
     """Update the EMA every N optimizer steps (Flow-GRPO: 8)."""
     ema_warmup: bool = True
     """Ramp the decay from 0.1 with min((1 + n) / (10 + n), decay), n = optimizer steps."""
+    max_nonfinite_steps: int = 3
+    """Consecutive optimizer steps that may be skipped for a non-finite loss, log-probability
+    or gradient norm before the run stops with an error naming the epoch and the quantity. A
+    skipped step leaves the weights and the optimizer state as they were (counted in
+    train/skipped_steps); a later finite step resets the count."""
     lora: bool = True
     """LoRA through peft (default) or full fine-tuning."""
     lora_rank: int = 8
@@ -390,6 +396,7 @@ class Config:
                     f"{section}.{name}={value!r} is not allowed; choose one of: "
                     + ", ".join(str(c) for c in choices)
                 )
+        check_finite(self)
         r, t, s = self.rollout, self.train, self.sampling
         positive = [
             ("rollout.group_size", r.group_size),
@@ -398,6 +405,7 @@ class Config:
             ("sampling.num_steps", s.num_steps),
             ("train.epochs", t.epochs),
             ("train.steps_per_epoch", t.steps_per_epoch),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps),
         ]
         for key, value in positive:
             if value < 1:
@@ -478,6 +486,30 @@ class Config:
             raise ConfigError(f"sampling.shift ({s.shift}) must be >= 0 (0 = the model's own)")
 
 
+def check_finite(cfg: Config) -> None:
+    """Every float of the config (lists and mappings of floats included) is a finite number:
+    a NaN or infinite noise level, learning rate or weight would otherwise train on, silently,
+    with a NaN loss. Free-form option mappings (`Any`) are their consumers' to check."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for name, tp in _field_types(type(values)).items():
+            _check_finite_value(f"{section}.{name}", getattr(values, name), tp)
+
+
+def _check_finite_value(key: str, value: Any, tp: Any) -> None:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            _check_finite_value(f"{key}[{i}]", v, item)
+    elif origin is dict:
+        _, vt = typing.get_args(tp)
+        for k, v in value.items():
+            _check_finite_value(f"{key}.{k}", v, vt)
+    elif tp is float and isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ConfigError(f"{key} ({value}) must be a finite number")
+
+
 # -- loading ---------------------------------------------------------------------------------
 
 
@@ -531,14 +563,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan, inf, 1e999: never a usable setting
+            raise ConfigError(f"{key} ({value}) must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -34,6 +34,7 @@ import torch
 
 from flowpo.config import Config, config_from_dict
 from flowpo.models.resolve import resolve_model_path
+from flowpo.trainer.nonfinite import TrainingDiverged
 from flowpo.trainer.tracking import print0
 
 if TYPE_CHECKING:
@@ -197,8 +198,16 @@ def save_checkpoint(
     """Write checkpoint-{epoch} of the run (collective). Everything goes to a temporary
     directory first; rank 0 writes the manifest last, renames it into place, then moves the
     `latest` pointer and prunes to checkpoint.keep_last_n, so an interrupted save is never
-    taken for a complete one. states: the algorithm's per-rank state (name -> object with
+    taken for a complete one; weights holding NaN or inf are refused (TrainingDiverged) before
+    anything is written. states: the algorithm's per-rank state (name -> object with
     save/load, e.g. DiffusionNFT's old policy), written as {name}_rank{rank}.pt."""
+    if engine.max_over_ranks(int(engine.has_nonfinite_weights())):
+        # skipped optimizer steps keep NaN out of the weights; this is the last line of defence
+        raise TrainingDiverged(
+            f"checkpoint-{epoch} not written: the trainable weights hold NaN or infinite values "
+            "(an update applied non-finite gradients); resume from the last checkpoint with a "
+            "lower train.learning_rate"
+        )
     root = run_dir / "checkpoints"
     final = checkpoint_dir(run_dir, epoch)
     tmp = root / f".tmp-checkpoint-{epoch}"

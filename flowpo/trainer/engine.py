@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from flowpo.config import Config, ConfigError
+from flowpo.trainer.nonfinite import GRAD_NORM
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -67,6 +69,18 @@ def close_distributed(barrier: bool = True) -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _optimizer_step_suppressed(optimizer):
+    """The torch optimizer's `step` is a no-op inside the block (an instance attribute shadows
+    the class's method; removed on exit): DeepSpeed's step then keeps its own bookkeeping
+    (counters, zero_grad) without touching the weights or the Adam moments."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
 def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict[str, Any]:
     """Fill a ds_configs/ template's batch, clipping and precision fields from the trainer config."""
     path = (
@@ -82,7 +96,10 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict[str, 
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = mb * grad_accum * world_size
     ds["gradient_clipping"] = cfg.train.max_grad_norm
-    ds.setdefault("bf16", {})["enabled"] = cfg.engine.precision == "bf16"
+    bf16 = ds.setdefault("bf16", {})
+    bf16["enabled"] = cfg.engine.precision == "bf16"
+    # skip steps with non-finite gradients (DeepSpeed's default today; the trainer relies on it)
+    bf16.setdefault("check_grad_overflow", True)
     ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
     zero = ds["zero_optimization"]
     if cfg.engine.offload_optimizer:
@@ -303,29 +320,80 @@ class Engine(Collectives):
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
 
-    def step(self) -> None:
-        if self.cfg.engine.zero_stage == 0 and self.module.is_gradient_accumulation_boundary():
+    def step(self, nonfinite: int = 0) -> int | None:
+        """DeepSpeed's step: the optimizer steps only at the accumulation boundary. Returns None
+        between boundaries; at a boundary, 0 when the update was applied, else the code
+        (`flowpo.trainer.nonfinite`: 1 gradient norm, 2 loss, 3 log-probability) of the
+        non-finite value that made every rank skip it. `nonfinite`: the worst code this rank saw
+        since the last boundary (its backward carried NaN gradients, see
+        `NonFiniteGuard.check`).
+
+        A skipped step leaves the weights and the optimizer state untouched. DeepSpeed's ZeRO-2/3
+        optimizers and its bf16 wrapper check the gradients themselves and skip (counted in its
+        `skipped_steps`); without ZeRO in fp32 DeepSpeed steps the torch optimizer directly and
+        would write NaN into the weights (both measured with deepspeed 0.19.8), so there the
+        engine checks the gradients and suppresses the optimizer's step itself. The decision is
+        agreed over ranks (max), so all ranks skip or step together."""
+        ds = self.module
+        if not ds.is_gradient_accumulation_boundary():
+            ds.step()
+            return None
+        own_check = not hasattr(ds.optimizer, "overflow")  # the bare torch optimizer
+        if self.cfg.engine.zero_stage == 0:
             # DeepSpeed reports no global norm without ZeRO; the full grads are local here
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            # (already averaged over ranks by DeepSpeed's backward at the boundary)
+            grads = [p.grad for p in ds.parameters() if p.grad is not None]
             if grads:
                 self._local_norm = float(
                     torch.linalg.vector_norm(
                         torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
                     )
                 )
-        self.module.step()  # steps the optimizer only at the accumulation boundary
+        if own_check:
+            norm = getattr(self, "_local_norm", 0.0)
+            code = self.max_over_ranks(max(nonfinite, 0 if math.isfinite(norm) else GRAD_NORM))
+            if code:
+                with _optimizer_step_suppressed(ds.optimizer):
+                    ds.step()  # clipping and zero_grad run; the weights stay as they are
+                ds.skipped_steps += 1
+            else:
+                ds.step()
+            return code
+        skipped = ds.skipped_steps
+        ds.step()
+        overflow = ds.skipped_steps > skipped
+        code = self.max_over_ranks(max(nonfinite, GRAD_NORM if overflow else 0))
+        if code and not overflow:  # the NaN-carrying backward makes DeepSpeed skip, always
+            raise RuntimeError(
+                "a non-finite value was seen before this optimizer step but DeepSpeed applied "
+                "it; the weights may hold NaN"
+            )
+        return code
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps taken so far (DeepSpeed counts only accumulation boundaries)."""
-        return int(self.module.global_steps)
+        """Optimizer steps applied so far (DeepSpeed counts accumulation boundaries; the skipped
+        ones, non-finite gradients, are not updates)."""
+        return int(self.module.global_steps) - int(self.module.skipped_steps)
 
     def grad_norm(self) -> float:
-        """Norm of the last accumulated gradient (before clipping)."""
+        """Norm of the last accumulated gradient (before clipping; inf or NaN after a skipped
+        step)."""
         norm = self.module.get_global_grad_norm()
         if norm is None:
             norm = getattr(self, "_local_norm", None)
         return float(norm) if norm is not None else float("nan")
+
+    def has_nonfinite_weights(self) -> bool:
+        """Whether any trainable weight this rank holds (its ZeRO-3 shards) is NaN or infinite.
+        Local: agree over ranks with `max_over_ranks`."""
+        for p in self.module.module.parameters():
+            if not p.requires_grad:
+                continue
+            held = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            if held.numel() and not bool(torch.isfinite(held.detach()).all()):
+                return True
+        return False
 
     def refresh_gathered(self, params) -> None:
         """ZeRO-3: after the partitions (ds_tensor) of `params` were changed in place (a weight

@@ -38,6 +38,7 @@ from flowpo.trainer.evaluation import (
     save_eval_grid,
     train_eval_items,
 )
+from flowpo.trainer.nonfinite import NonFiniteGuard
 from flowpo.trainer.preflight import preflight
 from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
@@ -127,6 +128,7 @@ class GRPOTrainer:
         )
         self.adapter.set_trainable_module(self.engine.module)
         self.ema = TrainingEMA(self.engine, cfg.train)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # skipped non-finite steps
         self.reward = WeightedReward(cfg.reward.weights, cfg.reward.options)
         self.pool = ThreadPoolExecutor(max_workers=cfg.reward.num_workers)
         self.logger = RunLogger(
@@ -311,13 +313,16 @@ class GRPOTrainer:
         first_dev = None
         steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
         self.algo.begin_update(data, epoch)
+        self.guard.begin_epoch()
         for start in steps:
             idx = list(range(start, start + mb))
             sub, emb = ro.index(idx), data.embeds.index(idx)
             for j in range(ro.num_trained):
                 term = self.algo.loss(sub, j, emb, adv[idx], epoch=epoch, start=start)
-                self.engine.backward(term.loss)
-                self.engine.step()
+                # NaN/inf loss or log-prob: NaN gradients, so every rank skips this step
+                self.engine.backward(self.guard.check(term.loss, term.log_probs))
+                code = self.engine.step(self.guard.window)
+                self.guard.after_step(code, epoch)  # raises after too many skips in a row
                 self.ema.after_step()
                 for k, v in term.stats.items():
                     acc.setdefault(k, []).append(float(v))
@@ -330,6 +335,7 @@ class GRPOTrainer:
         out.update(self.algo.end_update(epoch))
         out = self.engine.mean_over_ranks(out, maxed=("train/first_ratio_max_dev",))
         out["train/grad_norm"] = self.engine.grad_norm()
+        out.update(self.guard.metrics())  # the same on every rank: skips are agreed
         out["time/train_s"] = time.perf_counter() - t0
         out.update(data.metrics)
         return out
@@ -444,10 +450,12 @@ class GRPOTrainer:
         if "train/clipfrac_high" in metrics:  # grpo and awm: the clipped ratio
             clipped = metrics["train/clipfrac_high"] + metrics["train/clipfrac_low"]
             clip = f" | clipfrac {clipped:.3f}"
+        skipped = int(metrics.get("train/skipped_steps", 0))
         print0(
             f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
             f" | loss {metrics['train/loss']:+.2e}{clip}"
-            f" | no-spread groups {zero:.0%} | {metrics['time/epoch_s']:.1f}s",
+            f" | no-spread groups {zero:.0%} | {metrics['time/epoch_s']:.1f}s"
+            + (f" | {skipped} optimizer step(s) skipped: non-finite values" if skipped else ""),
             rank=self.rank,
         )
         # groups whose rewards are all equal have advantage 0: when (nearly) every group is

@@ -79,6 +79,9 @@ class StepLoss:
     loss: Tensor  # scalar, differentiable: what the trainer backpropagates
     stats: dict[str, Tensor]  # detached 0-dim: clipped_policy_loss's keys, loss, kl (beta > 0)
     step: SDEStep  # the policy's re-scored step (log_prob differentiable)
+    # the log-probabilities the loss is made of (grpo: re-scored and stored), which the trainer
+    # checks for NaN/inf before the optimizer step (trainer/nonfinite.py)
+    log_probs: tuple[Tensor, ...] = ()
 
 
 def step_loss(
@@ -135,7 +138,7 @@ def step_loss(
         loss = loss + t.beta * kl
         st["kl"] = kl.detach()
     st["loss"] = loss.detach()
-    return StepLoss(loss=loss, stats=st, step=step)
+    return StepLoss(loss=loss, stats=st, step=step, log_probs=(step.log_prob, ro.log_probs[:, j]))
 
 
 @contextlib.contextmanager
