@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from flowpo.models.base import ModelLoadError
     from flowpo.rewards.client import RewardServiceError
+    from flowpo.trainer.jit_lock import StaleExtensionLock
     from flowpo.trainer.nonfinite import TrainingDiverged
     from flowpo.trainer.tracking import quiet_libraries
 
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         RewardServiceError,
         TrainingDiverged,
+        StaleExtensionLock,
     ) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2

@@ -19,3 +19,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+# DeepSpeed compiles its CPU shared-memory comm op on first use (30-70 s) under a lock file in
+# torch's extension cache; build it here, once, so no run compiles it (a stale lock stops this
+# with the file to delete instead of waiting forever). Skipped where CUDA is present.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  .venv/bin/python - <<'PY'
+import sys
+
+from flowpo.trainer.engine import build_jit_ops
+from flowpo.trainer.jit_lock import StaleExtensionLock
+
+try:
+    build_jit_ops()
+except StaleExtensionLock as e:
+    sys.exit(f"setup: error: {e}")
+PY
+fi

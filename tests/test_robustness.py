@@ -236,3 +236,88 @@ def test_a_nan_on_one_rank_makes_every_rank_skip(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert all(bool(torch.isfinite(v).all()) for v in w2.values())
+
+
+# -- a stale lock in torch's extension cache stops the start with one line --------------------------
+
+
+def _plant_lock(ext_dir: Path, age_s: float) -> Path:
+    import os
+    import time
+
+    lock = ext_dir / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_stale_lock_is_told_apart_from_a_live_build(tmp_path):
+    import os
+
+    from flowpo.trainer.jit_lock import stale_lock_problem
+
+    lock = _plant_lock(tmp_path, age_s=600)
+    problem = stale_lock_problem(lock, stale_after=300)
+    assert problem.startswith(f"stale lock file {lock} (10 min old, no process holds it)")
+    assert problem.endswith(f"delete it (rm {lock}) and start again")
+    assert stale_lock_problem(lock, stale_after=900) is None  # young enough: a build may run
+    fd = os.open(lock, os.O_RDONLY)  # a live builder keeps its lock open
+    try:
+        assert stale_lock_problem(lock, stale_after=300) is None
+    finally:
+        os.close(fd)
+    lock.unlink()
+    assert stale_lock_problem(lock, stale_after=0) is None
+
+
+def test_a_planted_stale_lock_stops_the_start_with_one_line(tmp_path):
+    """The hang of the issue: a start-up killed while DeepSpeed loaded its shm op left
+    deepspeed_shm_comm/lock behind, and every later start slept forever without a word."""
+    lock = _plant_lock(tmp_path / "ext", age_s=600)
+    p = flowpo_main(
+        *RUN, f"--logging.run_dir={tmp_path}", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")
+    )
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith(f"flowpo: error: stale lock file {lock} (10 min old")
+    assert last.endswith(f"delete it (rm {lock}) and start again")
+
+
+@pytest.mark.slow
+def test_a_lock_that_turns_stale_during_the_wait_stops_a_fresh_start(tmp_path):
+    """A fresh process (nothing loaded yet) finds a lock that a "build" keeps touching, so it is
+    young at the start-up check and the process waits on it inside DeepSpeed; once the touching
+    stops and the lock is older than FLOWPO_STALE_LOCK_S, the watcher stops the start."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ENV, ROOT
+
+    lock = _plant_lock(tmp_path / "ext", age_s=0)
+    env = {**ENV, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "FLOWPO_STALE_LOCK_S": "3"}
+    cmd = [sys.executable, "-m", "flowpo", *RUN, f"--logging.run_dir={tmp_path}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 25  # start-up takes about 10 s: it is waiting by then
+        while time.monotonic() < deadline:
+            lock.touch()
+            time.sleep(0.5)
+        assert proc.poll() is None, "the start must be waiting on the young lock"
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+    finally:  # never leave the process behind, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 2, out[-2000:] + err[-3000:]
+    assert err.splitlines()[-1].startswith(f"flowpo: error: stale lock file {lock} (0 min old")
+    assert time.monotonic() - t0 < 30

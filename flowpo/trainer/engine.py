@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flowpo.config import Config, ConfigError
+from flowpo.trainer.jit_lock import guard_extension_locks, lock_path
 from flowpo.trainer.nonfinite import GRAD_NORM
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -53,12 +54,43 @@ def init_distributed() -> tuple[int, int, int]:
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        # a stale JIT-build lock would make this wait forever: stop with the file and the fix
+        with guard_extension_locks(_jit_lock_paths()):
+            deepspeed.init_distributed(dist_backend=backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return rank, world, local_rank
+
+
+def _jit_lock_paths() -> list[Path]:
+    """The JIT-build lock files DeepSpeed's process-group start takes in this process: its
+    shared-memory comm op's, where the accelerator builds it on first use (CPU) rather than
+    shipping it prebuilt (trainer/jit_lock.py)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return []
+    if installed_ops.get(builder.NAME, False):
+        return []
+    return [lock_path(builder.NAME)]
+
+
+def build_jit_ops() -> list[str]:
+    """Build (or, when built, check) the ops DeepSpeed JIT-loads at the process-group start,
+    under the stale-lock guard; returns their names. scripts/setup.sh runs it once, so that the
+    first run does not spend a minute compiling under a lock a killed start-up would leave."""
+    from deepspeed.accelerator import get_accelerator
+
+    paths = _jit_lock_paths()
+    if paths:  # the shm comm op, the one DeepSpeed JIT-loads at start
+        with guard_extension_locks(paths):
+            get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+    return [p.parent.name for p in paths]
 
 
 def close_distributed(barrier: bool = True) -> None:
