@@ -78,17 +78,20 @@ def kl_to_reference(
     *,
     estimator: str = "flow_grpo",
     reduce: str = "mean",
+    sde_type: str = "flow",
 ) -> Tensor:
     """KL(pi_theta || pi_ref) of one SDE step whose Gaussians share `std`; returns (B,).
 
     mean, ref_mean: (B, ...) step means; std: (B,) or float, the step's std (> 0);
-    dt: (B,) or float, sigma_next - sigma (< 0).
+    dt: (B,) or float, sigma_next - sigma (< 0); sde_type: the step's SDE (flow | cps | dance).
     "exact":     reduce_D((mu - mu_ref)^2) / (2 std^2); reduce="sum" is the true KL,
                  "mean" the per-element mean (the scale of reduce="mean" log-probs).
-    "flow_grpo": mean_D((mu - mu_ref)^2) / (2 sigma_t^2), sigma_t = std / sqrt(-dt): the
-                 published estimator, which drops the sqrt(-dt) factor (so it equals
-                 exact-with-mean times -dt). Its beta values (0.04, 0.01) only carry over
-                 with it; it is defined with a per-element mean, so reduce must be "mean".
+    "flow_grpo": mean_D((mu - mu_ref)^2) / (2 s^2) with s the std Flow-GRPO's step function
+                 returns for that SDE (docs/algorithms.md §4): for flow (and dance, which has
+                 no published KL) the diffusion coefficient sigma_t = std / sqrt(-dt), so the
+                 value is exact-with-mean times -dt; for cps the step's actual std, so it
+                 equals exact-with-mean. Its beta values (0.04, 0.01) only carry over with it;
+                 it is defined with a per-element mean, so reduce must be "mean".
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(
@@ -96,6 +99,8 @@ def kl_to_reference(
         )
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce={reduce!r} is not supported; choose one of ['mean', 'sum']")
+    if sde_type not in ("flow", "cps", "dance"):
+        raise ValueError(f"sde_type={sde_type!r} is not supported; choose flow, cps or dance")
     if estimator == "flow_grpo" and reduce != "mean":
         raise ValueError(
             "estimator='flow_grpo' is defined with a per-element mean; use reduce='mean', "
@@ -106,7 +111,8 @@ def kl_to_reference(
     # float32: the difference of two bf16 means would be mostly rounding noise
     sq = reduce_d((mean.float() - ref_mean.detach().float()).square(), reduce)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    if estimator == "exact":
+    if estimator == "exact" or sde_type == "cps":
+        # Flow-GRPO's CPS step returns its actual std, sigma' sin(a pi / 2)
         return sq / (2 * std_t.square())
     dt_t = torch.as_tensor(dt, dtype=torch.float32, device=mean.device)
     sigma_t = std_t / torch.sqrt(-dt_t)

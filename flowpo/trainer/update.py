@@ -134,6 +134,7 @@ def step_loss(
             estimator=t.kl_estimator,
             # the published estimator is defined on per-element means
             reduce="mean" if t.kl_estimator == "flow_grpo" else cfg.sampling.logprob_reduce,
+            sde_type=cfg.sampling.sde_type,  # flow_grpo's std differs per SDE type
         ).mean()
         loss = loss + t.beta * kl
         st["kl"] = kl.detach()
