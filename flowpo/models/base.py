@@ -157,6 +157,11 @@ class ModelAdapter(abc.ABC):
     # cache over a large prompt set would grow without limit; least recently used go first.
     max_cached_prompts: int = 1024
     negative_prompt: str = ""  # the CFG negative ("" for SD3; Qwen-Image uses " ")
+    # False where a row's velocity depends on which other rows share its forward beyond the
+    # batch size (Bagel trims the text to the batch's longest prompt): re-scoring then needs
+    # the sampling batches themselves (train.micro_batch_size = rollout.batch_size) for the
+    # first ratio to be exactly 1, and the GRPO config check refuses anything else
+    batch_invariant: bool = True
 
     def __init__(
         self,
@@ -304,6 +309,15 @@ class ModelAdapter(abc.ABC):
         """
         self._transformer = module
 
+    def set_attention_backend(self, name: str) -> None:
+        """Run the transformer's attention on backend `name` (model.attn_backend, which
+        preflight has checked with `models.attention.attention_backend_problem`); call it
+        before the engine wraps the module. Default: a diffusers transformer's own
+        `set_attention_backend` (flowpo.models.attention.set_diffusers_backend)."""
+        from flowpo.models.attention import set_diffusers_backend
+
+        set_diffusers_backend(self.trainable_module, name)
+
     @abc.abstractmethod
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Text encoders and VAE: never trained, always in eval mode."""
@@ -386,6 +400,21 @@ def adapter_class(family: str) -> type[ModelAdapter]:
     """The adapter class registered as `family` (the built-in families imported first)."""
     _import_builtins()
     return MODEL_REGISTRY[family]
+
+
+def family_of(family: str, path: str) -> str | None:
+    """The registered family a (model.family, model.path) pair loads, without loading it: the
+    family itself, `tiny:FAMILY`'s, or the one detected from the directory under `auto`; None
+    when that cannot be told yet (no such directory)."""
+    _import_builtins()
+    if family != "auto":
+        return family if family in MODEL_REGISTRY else None
+    if path.startswith("tiny:"):
+        name = path[5:].replace("-", "_")
+        return name if name in MODEL_REGISTRY else None
+    if path == "shapes:base":
+        return "sd3"
+    return detect_family(path) if Path(path).is_dir() else None
 
 
 def detect_family(model_dir: str) -> str:

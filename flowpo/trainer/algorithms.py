@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 
+from flowpo.config import Config, ConfigError
+from flowpo.models.base import adapter_class, family_of
 from flowpo.trainer import forward_rl  # noqa: F401  (registers nft and awm)
 from flowpo.trainer.algorithm import (  # noqa: F401  (re-exported: the registry's home)
     ALGORITHM_REGISTRY,
@@ -41,6 +43,21 @@ from flowpo.trainer.update import StepLoss, reference_policy, step_loss
 class GRPO(Algorithm):
     """Flow-GRPO and its variants (§1-§5): the plan's SDE transitions are stored with their
     log-probs and re-scored by `update.step_loss`."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        # the first ratio is exactly 1 only if re-scoring sees what sampling saw; a model whose
+        # rows depend on their batch (Bagel) must re-score in the sampling batches themselves
+        family = family_of(cfg.model.family, cfg.model.path)
+        mb, bs = cfg.micro_batch_size, cfg.rollout.batch_size
+        if family is not None and not adapter_class(family).batch_invariant and mb != bs:
+            raise ConfigError(
+                f"train.micro_batch_size ({mb}) differs from rollout.batch_size ({bs}), but "
+                f"{family}'s velocity of a row depends on the rows it runs with (the text is cut "
+                "to the batch's longest prompt), so re-scoring would not reproduce the rollout "
+                f"and the first ratio would not be 1; set rollout.batch_size={mb} (more "
+                "rollout.num_batches) or train.micro_batch_size=0"
+            )
 
     def plan_shape(self) -> tuple[int, int]:
         plan = self.trainer.plan.step_plan(self.trainer.schedule(), 0, 0)

@@ -12,8 +12,10 @@ Batching (the official inferencer and Flow-GRPO run batch 1): B rows are padded 
 prompt of the batch and masked; the CFG renormalisation norm is taken per sample (§5). Padded
 keys get zero attention weight, but the matrix shapes change with the batch, so a row's
 velocity can differ from its batch-1 velocity by float rounding (measured in
-tests/test_bagel.py::test_batch_invariance_is_within_rounding). Training re-scores with the
-rollout's batch composition, so the first ratio is exactly 1 regardless.
+tests/test_bagel.py::test_batch_invariance_is_within_rounding; in bf16 with CFG 4 up to 0.035
+between a batch of 4 and two of 2). Training must therefore re-score in the sampling batches
+themselves: `batch_invariant = False` makes the GRPO config check refuse a
+train.micro_batch_size other than rollout.batch_size, and then the first ratio is exactly 1.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class BagelAdapter(ModelAdapter):
     pipeline_classes = ()  # not a diffusers pipeline: detected by its own files
     layout_files = ("llm_config.json", "ema.safetensors", "ae.safetensors")
     lora_targets = BAGEL_LORA_TARGETS
+    batch_invariant = False  # text trimmed to the batch's longest prompt (module docstring)
 
     def __init__(
         self,
@@ -148,6 +151,10 @@ class BagelAdapter(ModelAdapter):
     def frozen_modules(self) -> dict[str, nn.Module]:
         # the text "encoder" is the understanding expert inside the trainable module
         return {"vae": self.vae}
+
+    def set_attention_backend(self, name: str) -> None:
+        """native (SDPA, padded) or flash (flash-attn varlen over the valid tokens, CUDA)."""
+        self.trainable_module.set_attention_backend(name)
 
     def full_trainable(self, name: str) -> bool:
         """Full fine-tuning trains the generation expert only (Flow-GRPO, docs/bagel.md §9)."""
