@@ -44,6 +44,11 @@ class ModelConfig:
     drop_text_encoders: bool = False
     """Encode every training and eval prompt once at start, keep the embeddings and free the
     text encoders (they can outweigh the policy: T5-XXL, Qwen2.5-VL)."""
+    attn_backend: str = "native"
+    """Attention backend, as diffusers' attention dispatcher names it: native (torch SDPA) |
+    flash | flash_varlen | _flash_3 | sage | xformers | _native_math | ... for SD3, FLUX and
+    Qwen-Image; native | flash (flash-attn varlen over the packed sequence) for Bagel. One that
+    cannot run here (no GPU, package missing, dtype) stops at start (docs/gpu.md)."""
 
 
 @dataclass
@@ -244,6 +249,9 @@ class EngineConfig:
     shard_frozen: bool = False
     """ZeRO-3 only: partition the frozen text encoders and VAE too (inference engines); every
     prompt is then encoded once at start."""
+    compile: bool = False
+    """torch.compile each repeated transformer block (regional compilation), LoRA or full
+    fine-tuning, ZeRO-0/2. For GPUs: on the CPU it did not pay (docs/gpu.md)."""
 
 
 @dataclass
@@ -463,6 +471,13 @@ class Config:
             raise ConfigError(
                 f"engine.precision=bf16 runs the transformer in bfloat16, but model.dtype is "
                 f"{self.model.dtype!r}; set model.dtype=bfloat16 (or engine.precision=fp32)"
+            )
+        if e.compile and e.zero_stage == 3:
+            # measured: dynamo traces into ZeRO-3's gather/release hooks of every submodule and
+            # hits its recompile limit (the blocks fall back to eager, after minutes of tracing)
+            raise ConfigError(
+                "engine.compile does not work with engine.zero_stage=3 (torch.compile traces "
+                "into ZeRO-3's parameter hooks); use zero_stage 0 or 2, or engine.compile=false"
             )
         if e.offload_optimizer and e.zero_stage == 0:
             raise ConfigError(

@@ -101,6 +101,8 @@ class GRPOTrainer:
             **cfg.model.options,
         )
         self.adapter.freeze_frozen_parts()
+        if cfg.model.attn_backend != "native":  # preflight checked that it runs here
+            self.adapter.set_attention_backend(cfg.model.attn_backend)
         prompts, metas = load_prompt_items(cfg.rollout.prompt_file, cfg.rollout.prompts)
         self.sampler = KRepeatSampler(
             prompts,

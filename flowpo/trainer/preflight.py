@@ -3,7 +3,8 @@
 `Config.validate` checks the config alone; `preflight` runs it and then what it cannot see
 from there: prompt files (read now, so a missing file or a bad line stops at once), the model
 path, and the registries of tiny model families, rewards (with their options), rollout
-plans and algorithms (train.algorithm). `flowpo train`, `flowpo eval` and the trainer run it; every error is a ConfigError that
+plans and algorithms (train.algorithm), and whether model.attn_backend can run on this machine.
+`flowpo train`, `flowpo eval` and the trainer run it; every error is a ConfigError that
 names the field and the fix.
 """
 
@@ -39,6 +40,8 @@ def preflight(cfg: Config, world_size: int = 1, training: bool = True) -> None:
             f"model.path '{path}': tiny models are "
             + ", ".join(f"tiny:{f}" for f in tiny_families())
         )
+    if (problem := attention_problem(cfg)) is not None:
+        raise ConfigError(problem)
     for name in cfg.reward.weights:
         if name not in known_rewards():
             raise ConfigError(
@@ -62,3 +65,40 @@ def preflight(cfg: Config, world_size: int = 1, training: bool = True) -> None:
         )
     if training:
         ALGORITHM_REGISTRY[algo].check_config(cfg)
+
+
+def model_family(cfg: Config) -> str | None:
+    """The adapter family the run will load, without loading it: model.family, else read from
+    model.path (tiny:FAMILY, shapes:base, or the directory's files); None if it cannot tell."""
+    if cfg.model.family != "auto":
+        return cfg.model.family
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        return path[5:].replace("-", "_")
+    if path == "shapes:base":
+        return "sd3"
+    from flowpo.models.base import ModelLoadError, detect_family
+
+    try:
+        return detect_family(path) if Path(path).is_dir() else None
+    except ModelLoadError:
+        return None
+
+
+def attention_problem(cfg: Config) -> str | None:
+    """Why model.attn_backend cannot run on this machine (device, packages, model.dtype, GPU
+    generation) for the run's model family, as one line with the fix; None if it can."""
+    if cfg.model.attn_backend == "native":
+        return None
+    import torch
+
+    from flowpo.models.attention import attention_backend_problem
+
+    cuda = torch.cuda.is_available()
+    return attention_backend_problem(
+        cfg.model.attn_backend,
+        model_family(cfg),
+        cfg.model.dtype,
+        "cuda" if cuda else "cpu",
+        torch.cuda.get_device_capability(0) if cuda else None,
+    )

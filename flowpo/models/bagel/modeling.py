@@ -18,11 +18,21 @@ latents changes no output. It makes the und/gen routing two contiguous slices:
 und = the first Lt + 2 tokens, gen = the last N. Text attends causally to valid text only; the
 block (start, end, latents) attends to the row's valid text and to the whole block.
 The unconditional CFG pass (§5) is the same row with text length 0.
+
+Attention runs one of two ways (`Bagel.set_attention_backend`, the recipe's model.attn_backend):
+`native` (default), torch SDPA over the padded batch with the boolean mask of `packed_mask`; or
+`flash`, flash-attn's variable-length kernel over the valid tokens only (no padding), as the
+official Bagel packs its sequences: two calls per layer, the text queries causal over their
+row's text and the block queries over their row's text + block (`varlen_packing` builds the
+metadata, `varlen_attention` runs them). The SDPA path is the flash path's CPU twin: the tests
+hold the two equal with a torch stand-in for the kernel (tests/test_attn_backends.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,18 +83,25 @@ class MoTAttention(Qwen2Attention):
         v = getattr(self, "v_proj" + sfx)(x).unflatten(-1, (-1, hd))
         return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k), v
 
+    varlen_kernel: Callable | None = None  # flash_attn_varlen_func, set by the flash backend
+
     def forward(  # type: ignore[override]
-        self, und: Tensor, gen: Tensor, cos: Tensor, sin: Tensor, mask: Tensor
+        self, und: Tensor, gen: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | VarlenPacking
     ) -> tuple[Tensor, Tensor]:
-        """und (B, Lu, H), gen (B, N, H) normed inputs -> attention outputs of the same shapes."""
+        """und (B, Lu, H), gen (B, N, H) normed inputs -> attention outputs of the same shapes.
+        mask: `packed_mask`'s (SDPA) or `varlen_packing`'s metadata (flash)."""
         lu = und.shape[1]
         parts = [self._qkv(und, ""), self._qkv(gen, GEN)]
         q, k, v = (torch.cat(t, dim=1).transpose(1, 2) for t in zip(*parts))  # (B, heads, L, hd)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k = repeat_kv(k, self.num_key_value_groups)
-        v = repeat_kv(v, self.num_key_value_groups)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        o = o.transpose(1, 2).flatten(2)  # (B, L, nh·hd)
+        if isinstance(mask, VarlenPacking):  # flash: the valid tokens only, GQA in the kernel
+            kernel = self.varlen_kernel
+            o = varlen_attention(q, k, v, mask, self.scaling, kernel).flatten(2)
+        else:
+            k = repeat_kv(k, self.num_key_value_groups)
+            v = repeat_kv(v, self.num_key_value_groups)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            o = o.transpose(1, 2).flatten(2)  # (B, L, nh·hd)
         return self.o_proj(o[:, :lu]), self.o_proj_moe_gen(o[:, lu:])
 
 
@@ -212,6 +229,90 @@ def packed_mask(text_len: Tensor, lt: int, n_block: int) -> Tensor:
     return (mask | torch.eye(length, dtype=torch.bool, device=dev)[None])[:, None]
 
 
+@dataclass
+class VarlenPacking:
+    """Where the valid tokens of a padded packed batch (B rows of length L = lt + n_block:
+    `[text (lt, the first text_len valid) | block (n_block)]`) go in flash-attn's
+    variable-length layout: tokens of all rows concatenated, segment b from cu_seqlens[b] to
+    cu_seqlens[b + 1] (int32, starting at 0), and the longest segment as a python int. Indices
+    are row-major positions in the flattened (B·L) batch.
+
+    Text call (causal): queries = keys = the valid text of each row with text; rows without
+    text (the unconditional CFG pass) have no segment. Block call (full): queries = each row's
+    block, keys = the row's valid text followed by its block."""
+
+    text_index: Tensor  # (Tt,) long: the valid text tokens, row by row
+    cu_text: Tensor  # (R + 1,) int32 over the R rows with text_len > 0
+    max_text: int
+    block_index: Tensor  # (B·n_block,) long
+    cu_block: Tensor  # (B + 1,) int32: b·n_block
+    max_block: int
+    key_index: Tensor  # (Tt + B·n_block,) long: per row its valid text, then its block
+    cu_keys: Tensor  # (B + 1,) int32: cumulative text_len + n_block
+    max_keys: int
+    length: int  # L, the padded row length
+
+
+def varlen_packing(text_len: Tensor, lt: int, n_block: int) -> VarlenPacking:
+    """The varlen metadata of the padded packed batch that `packed_mask` masks (same rows)."""
+    dev = text_len.device
+    b, length = text_len.shape[0], lt + n_block
+    lens = text_len.to(torch.long)
+    pos = torch.arange(length, device=dev)
+    row_start = torch.arange(b, device=dev)[:, None] * length
+    is_text = (pos[None] < lens[:, None]) & (pos[None] < lt)  # (B, L) valid text
+    is_block = (pos >= lt)[None].expand(b, -1)
+    keep = is_text | is_block
+    flat = (row_start + pos[None]).reshape(-1)
+
+    def cumulative(seg: Tensor) -> Tensor:
+        return F.pad(torch.cumsum(seg, 0), (1, 0)).to(torch.int32)
+
+    with_text = lens[lens > 0]
+    return VarlenPacking(
+        text_index=flat[is_text.reshape(-1)],
+        cu_text=cumulative(with_text),
+        max_text=int(with_text.max()) if with_text.numel() else 0,
+        block_index=flat[is_block.reshape(-1)],
+        cu_block=cumulative(torch.full((b,), n_block, device=dev)),
+        max_block=n_block,
+        key_index=flat[keep.reshape(-1)],  # row-major: a row's text precedes its block
+        cu_keys=cumulative(lens + n_block),
+        max_keys=int(lens.max()) + n_block if b else n_block,
+        length=length,
+    )
+
+
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, pack: VarlenPacking, scale: float, kernel: Callable
+) -> Tensor:
+    """Bagel's packed attention through a flash-attn-style varlen kernel
+    `kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=,
+    causal=)` on (tokens, heads, head_dim) inputs. q (B, nh, L, hd), k and v (B, nkv, L, hd)
+    -> (B, L, nh, hd); padding positions come out 0 (nothing reads them)."""
+    b, nh, length, hd = q.shape
+
+    def tokens(x: Tensor) -> Tensor:  # (B, h, L, hd) -> (B·L, h, hd)
+        return x.transpose(1, 2).reshape(b * length, x.shape[1], hd)
+
+    q, k, v = tokens(q), tokens(k), tokens(v)
+    out = q.new_zeros(q.shape)
+    if pack.text_index.numel():
+        ti = pack.text_index
+        o_text = kernel(
+            q[ti], k[ti], v[ti], pack.cu_text, pack.cu_text, pack.max_text, pack.max_text,
+            softmax_scale=scale, causal=True,
+        )  # fmt: skip
+        out = out.index_copy(0, ti, o_text.to(out.dtype))
+    ki = pack.key_index
+    o_block = kernel(
+        q[pack.block_index], k[ki], v[ki], pack.cu_block, pack.cu_keys, pack.max_block,
+        pack.max_keys, softmax_scale=scale, causal=False,
+    )  # fmt: skip
+    out = out.index_copy(0, pack.block_index, o_block.to(out.dtype))
+    return out.reshape(b, length, nh, hd)
+
+
 def packed_positions(text_len: Tensor, lt: int, n_block: int) -> Tensor:
     """RoPE positions (B, L): text 0..lt−1; every block token at the row's text length (§3)."""
     b = text_len.shape[0]
@@ -268,10 +369,33 @@ class Bagel(nn.Module):
         self.llm2vae = nn.Linear(h, self.patch_dim)
         self.latent_pos_embed = LatentPositionEmbedding(max_latent_size, h)
         self.gradient_checkpointing = False
+        self.attn_backend = "native"
 
     @property
     def max_latent_size(self) -> int:
         return self.latent_pos_embed.max_latent_size
+
+    def set_attention_backend(self, name: str, kernel: Callable | None = None) -> None:
+        """`native` (SDPA over the padded batch) or `flash` (flash-attn's varlen kernel, which
+        needs the flash_attn package and a CUDA device). `kernel` replaces
+        flash_attn_varlen_func (tests run the flash path on CPU with a torch stand-in)."""
+        if name not in ("native", "flash"):
+            raise ValueError(f"model.attn_backend={name}: Bagel runs native or flash")
+        if name == "flash" and kernel is None:
+            try:
+                from flash_attn import flash_attn_varlen_func as kernel
+            except ImportError as e:
+                raise RuntimeError(
+                    f"model.attn_backend=flash needs flash-attn ({e}); pip install "
+                    "'flash-attn>=2.6.3' or use model.attn_backend=native"
+                ) from None
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "model.attn_backend=flash needs a CUDA device; use model.attn_backend=native"
+                )
+        self.attn_backend = name
+        for layer in self.language_model.model.layers:
+            layer.self_attn.varlen_kernel = kernel if name == "flash" else None
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each MoT layer in backward (the Engine calls this when configured)."""
@@ -303,7 +427,10 @@ class Bagel(nn.Module):
         und = lm.embed_tokens(ids)
         gen = self.vae2llm(latents.to(dtype))
         gen = gen + self.time_embedder(timesteps)[:, None] + self.latent_pos_embed(h, w)[None]
-        mask = packed_mask(text_len, lt, n + 2)
+        if self.attn_backend == "flash":
+            mask = varlen_packing(text_len, lt, n + 2)
+        else:
+            mask = packed_mask(text_len, lt, n + 2)
         cos, sin = lm.rotary_emb(und, packed_positions(text_len, lt, n + 2))
         for layer in lm.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
