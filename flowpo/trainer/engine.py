@@ -309,6 +309,11 @@ class Engine(Collectives):
             if full_trainable is not None:  # the adapter's full-fine-tuning scope (Bagel: moe_gen)
                 for name, p in module.named_parameters():
                     p.requires_grad_(bool(full_trainable(name)))
+        self.compiled_blocks: list[str] = []
+        if cfg.engine.compile:  # after LoRA: the compiled blocks trace the adapted layers
+            from flowpo.models.compiled import compile_repeated_blocks
+
+            self.compiled_blocks = compile_repeated_blocks(module)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("no trainable parameters; check train.lora and the LoRA targets")
