@@ -8,6 +8,7 @@
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
     flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
     flowpo export RUN/checkpoints/checkpoint-N OUT_DIR [--ema] [--base DIR]
+    flowpo doctor [-c RECIPE] [--section.field=value ...] | --gpu-check [--out REPORT.json]
 
 One rank on CPU: `python -m flowpo train`. Several ranks: `deepspeed --num_gpus N --module flowpo train`.
 """
@@ -179,6 +180,20 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir", help="new (or empty) output directory")
     x.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema runs)")
     x.add_argument("--base", default=None, help="base model directory (default: the run's)")
+
+    d = sub.add_parser(
+        "doctor",
+        help="versions, devices, the fast paths a recipe would use, what would stop its run",
+        description="Reads the recipe and overrides as `flowpo train` does and reports the "
+        "library versions, the devices, the re-scoring kernels, attention backend, compile "
+        "and precision the run would use, and what would stop it (missing model directory, "
+        "unreachable reward service, stale build lock), one line each with the fix; exit "
+        "status 1 if a run would stop. --gpu-check runs scripts/gpu_check.sh's checks "
+        "(docs/gpu.md).",
+    )
+    d.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/)")
+    d.add_argument("--gpu-check", action="store_true", help="run the GPU validation checks")
+    d.add_argument("--out", default="gpu_check.json", help="--gpu-check: the JSON report")
     return p
 
 
@@ -413,6 +428,20 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.gpu_check:
+        from flowpo.gpu_check import run_gpu_check
+
+        return run_gpu_check(args.out)
+    from flowpo.doctor import run_doctor
+
+    try:
+        cfg = load_config(_recipe(args.config), overrides)
+    except ConfigError as e:
+        return run_doctor(None, error=str(e))
+    return run_doctor(cfg)
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from flowpo.models.tiny import make_tiny
 
@@ -445,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if extra and args.command not in ("train", "eval"):
+    if extra and args.command not in ("train", "eval", "doctor"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from flowpo.models.base import ModelLoadError
     from flowpo.rewards.client import RewardServiceError
@@ -467,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "serve-reward":
             return cmd_serve_reward(args)
+        if args.command == "doctor":
+            return cmd_doctor(args, extra)
         if args.command == "make-prompts":
             return cmd_make_prompts(args)
         return cmd_make_tiny(args)
