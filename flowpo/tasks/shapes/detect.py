@@ -33,7 +33,7 @@ from flowpo.tasks.shapes.world import (
     shape_mask,
 )
 
-MIN_AREA = 12  # pixels: smaller blobs are noise (the smallest rendered triangle has 32)
+MIN_AREA = 12  # pixels: smaller blobs are noise (the rendered triangle and diamond have 25)
 COLOR_DIST = 110.0  # max RGB distance from a palette colour to count as that colour
 # max RMS distance of a component's 3x3 fill grid from its nearest template: rendered shapes
 # lie within 0.11 of their own template and at least 0.22 from any other (see the test)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from flowpo.sde import shift_sigmas
-from flowpo.tasks.shapes.world import SIZE, TAGS, render, splits
+from flowpo.tasks.shapes.world import CELL, SIZE, TAGS, render, splits
 
 SIGMA_SHIFT = 1.0  # pretraining sigmas and the saved scheduler (see "scheduler" below)
 # fraction of each tag's training scenes whose caption is wrong in the way described above
@@ -46,18 +46,19 @@ STATE_FILE = "pretrain_state.pt"
 BASE_CONFIG: dict[str, Any] = {
     "transformer": dict(
         sample_size=SIZE,
-        # 4x4 patches: 64 image tokens, 4x cheaper than 2x2, so a wider/deeper model fits the
-        # 30-minute CPU budget; the final linear layer still draws every pixel of a patch
-        patch_size=4,
+        # one patch per world cell (8x8 px): 16 image tokens, each drawing one whole object or
+        # background; placing objects is choosing tokens (see world.CELL). Width 192 = the
+        # 192 values of a patch, so every noise dimension can be removed (see world.CELL)
+        patch_size=CELL,
         in_channels=3,
         out_channels=3,
         num_layers=4,
         attention_head_dim=32,
-        num_attention_heads=4,
+        num_attention_heads=6,
         joint_attention_dim=64,
-        caption_projection_dim=128,
+        caption_projection_dim=192,
         pooled_projection_dim=64,
-        pos_embed_max_size=SIZE // 4,
+        pos_embed_max_size=SIZE // CELL,
         qk_norm="rms_norm",
     ),
     # shift 1. At 32x32 an object averages the noise over ~100 pixels, so its outline is still

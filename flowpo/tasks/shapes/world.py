@@ -19,7 +19,7 @@ import numpy as np
 
 from flowpo.rewards.geneval_rules import relative_position
 
-SIZE = 32  # canvas side in pixels
+SIZE = 32  # canvas side in pixels: a 4x4 grid of CELL-px cells
 SHAPES = ("circle", "square", "triangle", "diamond", "ring")
 PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 COLORS = {
@@ -48,13 +48,18 @@ HELDOUT_PER_TAG = {
     "color_attr": 8,
 }
 SPLIT_SEED = 1234
-# objects are 8x8 px and sit on a 4-px grid, the base model's patch size: every object covers
-# exactly 2x2 patches, so a patch holds one quarter of one shape (the first world's free sizes
-# and positions left shape outlines across patch borders, and a tiny model drew them ragged);
-# up to 9 objects fit (3 per row with a 4-px gap)
-MIN_SIDE, MAX_SIDE = 8, 8
-GRID = 4
-GAP = 2  # minimum free pixels between objects, so components never touch
+# objects are 7x7 px, one per CELL x CELL cell (top-left, 1 px free to the next cell): the base
+# model's patch is one cell, so one image token draws one whole shape and placing objects is
+# choosing cells. (The second world put 8-px objects on a 4-px grid over 4-px patches; its base
+# drew clean quarter-shapes that did not join: coordinating the four patches of one object was
+# what a tiny transformer did not learn in 3 CPU-hours. docs/results.md, "Shapes world, second
+# version".) The cell is 8 px, not more, because a token's output is a linear map of its hidden
+# state: with width W a patch of P values can only ever remove W of its P noise dimensions, so
+# the base needs W >= P = 3 x CELL^2 (192 here; a 10-px cell would need width 300).
+MIN_SIDE, MAX_SIDE = 7, 7
+CELL = 8
+CELLS = SIZE // CELL  # cells per row: up to CELLS**2 = 16 objects
+GAP = 1  # minimum free pixels between objects, so components never touch (4-connectivity)
 
 
 def _article(word: str) -> str:
@@ -244,11 +249,12 @@ def scene_for(meta: dict[str, Any], rng: random.Random, max_tries: int = 200) ->
         for shape, color, idx in wanted:
             for _ in range(50):
                 side = rng.randint(MIN_SIDE, MAX_SIDE)
+                pad = (CELL - side) // 2
                 o = Obj(
                     shape,
                     color or DEFAULT_COLOR,
-                    GRID * rng.randint(0, (SIZE - side) // GRID),
-                    GRID * rng.randint(0, (SIZE - side) // GRID),
+                    CELL * rng.randrange(CELLS) + pad,
+                    CELL * rng.randrange(CELLS) + pad,
                     side,
                 )
                 if not _free(o.box, placed):
