@@ -376,7 +376,7 @@ class Engine(Collectives):
             ds.step()
             return None
         own_check = not hasattr(ds.optimizer, "overflow")  # the bare torch optimizer
-        if self.cfg.engine.zero_stage == 0:
+        if self.cfg.engine.zero_stage == 0 or own_check:
             # DeepSpeed reports no global norm without ZeRO; the full grads are local here
             # (already averaged over ranks by DeepSpeed's backward at the boundary)
             grads = [p.grad for p in ds.parameters() if p.grad is not None]
@@ -398,6 +398,8 @@ class Engine(Collectives):
             return code
         skipped = ds.skipped_steps
         ds.step()
+        # (an fp16 loss scaler's overflow skips would land here too; they are the scaler's
+        # normal work, not divergence, and would need their own count)
         overflow = ds.skipped_steps > skipped
         code = self.max_over_ranks(max(nonfinite, GRAD_NORM if overflow else 0))
         if code and not overflow:  # the NaN-carrying backward makes DeepSpeed skip, always
