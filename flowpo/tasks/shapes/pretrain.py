@@ -374,4 +374,12 @@ def save_snapshot(state_dir: str, out_dir: str) -> int:
         for p, e in zip([p for m in modules for p in m.parameters()], st["ema"]):
             p.copy_(e)
     pipe.save_pretrained(str(out_dir))
+    summary = {
+        **cfg,
+        "snapshot_step": int(st["step"]),
+        "seconds": st["seconds"],
+        "final_loss": st["ema_loss"],
+        "history": st["history"],
+    }
+    (Path(out_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     return int(st["step"])
