@@ -88,8 +88,11 @@ def epoch(name: str, overrides: list[str], timeout: float, launcher: list[str] |
             return "fail", {"cmd": " ".join(cmd), "stderr": _tail(proc.stderr)}
         rows = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
         row = next(json.loads(r) for r in rows if "train/loss" in r)
-        ckpt = Path(tmp) / "run" / "checkpoints" / "checkpoint-1" / "trainable.safetensors"
-        weights = _load(ckpt) if launcher else None
+        ckpts = Path(tmp) / "run" / "checkpoints"
+        weights = None
+        if launcher:  # the 2-rank runs: their trained weights are compared
+            latest = (ckpts / "latest").read_text().strip()
+            weights = _load(ckpts / latest / "trainable.safetensors")
     dev = row["train/first_ratio_max_dev"]
     bound = RATIO_DEV.get(name, 1e-6)
     details = {"first_ratio_max_dev": dev, "bound": bound, "loss": row["train/loss"]}

@@ -63,11 +63,13 @@ def _epoch(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = train_rows(tmp_path / name)
-    ckpt = tmp_path / name / "checkpoints" / "checkpoint-1" / "trainable.safetensors"
+    ckpts = tmp_path / name / "checkpoints"
+    ckpt = ckpts / (ckpts / "latest").read_text().strip() / "trainable.safetensors"
     return row, load_file(str(ckpt))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two cold compiles: minutes each when the machine is busy
 @pytest.mark.parametrize(
     "setting",
     [
@@ -77,6 +79,10 @@ def _epoch(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
     ids=["lora-zero0", "full-zero2"],
 )
 def test_compile_on_and_off_train_the_same_epoch(setting, tmp_path):
+    # Adam's first step is lr·g/(|g| + eps): with the default eps 1e-8 an element whose gradient
+    # is ~1e-8 moves by lr times g's own relative rounding (measured: one LoRA element 1.3e-5
+    # apart at lr 1e-2); eps 1e-6 keeps the comparison about the compiled forward and backward
+    setting = [*setting, "--train.adam_eps=1e-6"]
     eager, w_eager = _epoch(tmp_path, "eager", *setting)
     comp, w_comp = _epoch(tmp_path, "compiled", "--engine.compile=true", *setting)
     assert comp["train/first_ratio_max_dev"] == 0.0  # the same compiled blocks rescore
