@@ -329,6 +329,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         guidance_scale=cfg.sampling.guidance_scale,
         **cfg.model.options,
     )
+    if cfg.model.attn_backend != "native":  # preflight checked that it runs here
+        adapter.set_attention_backend(cfg.model.attn_backend)
     if args.checkpoint:
         load_trainable(adapter, Path(args.checkpoint))
     res = run_eval(

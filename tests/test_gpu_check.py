@@ -19,7 +19,7 @@ GPU_PARTS = [
     "epoch_bf16",
     "epoch_flash",
     "epoch_compile",
-    "eval_fp16",
+    "fp16",
     "flash_vs_sdpa",
     "zero3_2gpu",
 ]
