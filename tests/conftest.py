@@ -33,6 +33,11 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(ENV["OMP_NUM_THREADS"]))
+    config.addinivalue_line(
+        "markers",
+        "two_rank(group): the test reads the 2-rank group GROUP (conftest.two_rank_group) from "
+        "the session's one 2-rank launch (the `two_rank` fixture)",
+    )
 
 
 def free_port() -> int:
@@ -68,7 +73,9 @@ def as_fresh_process(**env: str):
     """Run a block the way a fresh `run_flowpo` process would run: environment ENV (plus
     `env`), cwd ROOT, OMP_NUM_THREADS torch threads. Afterwards the environment, cwd, thread
     count and the python / numpy / torch RNG states are put back, and a process group the block
-    left open is closed (with DeepSpeed's cached groups), so the next block starts clean."""
+    left open is closed (with DeepSpeed's cached groups), so the next block starts clean; the
+    block starts and ends with torch's own torch.nn.functional.linear (a ZeRO-3 engine replaces
+    it with DeepSpeed's for the rest of the process, which rounds some layers differently)."""
     import numpy as np
     import torch
 
@@ -78,9 +85,11 @@ def as_fresh_process(**env: str):
     os.environ.update(ENV, **env)
     os.chdir(ROOT)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.nn.functional.linear = torch._C._nn.linear
     try:
         yield
     finally:
+        torch.nn.functional.linear = torch._C._nn.linear
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if "deepspeed" in sys.modules:
@@ -136,10 +145,30 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     ]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL process PID, its process group and every process below it, and wait until they
+    are gone. torchrun starts each rank in a session of its own, so killing the launcher's
+    group alone would leave the ranks running (and writing) without it."""
+    import signal
+
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(below, timeout=60)
+
+
 def sigkill_at_checkpoint(cmd: list[str], run_dir: Path, checkpoint: str = "checkpoint-1"):
     """Start CMD (a training run writing to RUN_DIR) in its own process group and SIGKILL the
-    whole group as soon as `checkpoints/latest` names CHECKPOINT; asserts it was killed, not
-    finished. For the exact-resume tests."""
+    whole job (`kill_tree`: the launcher and every rank) as soon as `checkpoints/latest` names
+    CHECKPOINT; asserts it was killed, not finished. For the exact-resume tests."""
     import signal
     import time
 
@@ -151,21 +180,45 @@ def sigkill_at_checkpoint(cmd: list[str], run_dir: Path, checkpoint: str = "chec
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() == checkpoint:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        pointer = Path(run_dir) / "checkpoints" / "latest"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if pointer.is_file() and pointer.read_text().strip() == checkpoint:
+                break
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run must be killed before it finishes"
 
 
+def run_group(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run CMD in a fresh process group (cwd ROOT, env ENV, text output captured); returns the
+    CompletedProcess. A timeout or an interrupt SIGKILLs the launcher and every process below
+    it (`kill_tree`): no rank process outlives the call."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run CMD in a fresh process (cwd ROOT, env ENV, text output captured) and assert it exits
-    0, showing the tail of its output otherwise."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    """Run CMD (`run_group`: its own process group; a timeout kills every rank) and assert it
+    exits 0, showing the tail of its output otherwise."""
+    proc = run_group(cmd, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -263,3 +316,212 @@ def zero3_threshold0(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ds") / "zero3_p0.json"
     path.write_text(json.dumps(ds))
     return str(path)
+
+
+# -- every 2-rank case of the session in one torchrun launch, beside the other tests ------------
+# A torchrun launch costs two fresh processes importing torch, DeepSpeed and diffusers before any
+# case runs: the test modules declare their 2-rank cases as groups (`two_rank_group`) and mark the
+# tests that read them (`@pytest.mark.two_rank(GROUP)`); the session starts one launch of
+# tests/dist_update.py with the cases of every collected marked test (`two_rank_launch`), which
+# runs while the other tests run (they compute on one thread, so a 2-core machine has a core
+# free most of the time), and the marked tests run last (`pytest_collection_modifyitems`),
+# reading their own cases' results (`two_rank`).
+ZERO3_P0 = "--engine.ds_config=<zero3_threshold0>"  # the `zero3_threshold0` template, at launch
+
+
+@dataclass(frozen=True)
+class TwoRankGroup:
+    """2-rank cases on one tiny model (`family`, its recipe): `cases` pairs a case name with
+    its overrides (kind "update": dist_update.run_case) or with `flowpo` arguments (kind "train":
+    a whole run, given --model.path, --logging.run_dir and --logging.run_name=CASE); kind
+    "bench_memory" is bench_memory's per-rank measurement (no cases)."""
+
+    name: str
+    family: str = "sd3"
+    recipe: str = "tiny_sd3_jpeg"
+    cases: tuple = ()  # (case name, overrides) pairs
+    kind: str = "update"
+
+
+def two_rank_group(name: str, cases: dict | None = None, **fields) -> TwoRankGroup:
+    """The 2-rank group NAME (a unique prefix of its case names), for `pytest.mark.two_rank`
+    and `two_rank.results`."""
+    pairs = tuple((case, tuple(overrides)) for case, overrides in (cases or {}).items())
+    return TwoRankGroup(name, cases=pairs, **fields)
+
+
+@dataclass
+class TrainRun(Completed):
+    """A "train" case of the 2-rank launch: both ranks' output and the run directory."""
+
+    run_dir: Path = None
+
+
+class TwoRankResults:
+    """The outcome of the session's one 2-rank launch; each test asks for its own group."""
+
+    def __init__(self, out: Path, proc, launched: list[str]):
+        self.out, self.proc, self.launched = out, proc, launched
+
+    def _missing(self, group: TwoRankGroup, case: str) -> str:
+        if group.name not in self.launched:
+            return f"2-rank group {group.name!r} was not launched (no collected test marks it)"
+        p = self.proc
+        return (
+            f"2-rank case {group.name}.{case} did not finish: the launch exited {p.returncode} "
+            "(each rank prints '[dist_update] rank R: case NAME' as a case starts)\n"
+            + p.stdout[-3000:]
+            + p.stderr[-5000:]
+        )
+
+    def results(self, group: TwoRankGroup) -> dict:
+        """{case: dist_update.run_case's result} of an update group."""
+        import torch
+
+        res = {}
+        for case, _ in group.cases:
+            path = self.out / f"{group.name}.{case}.pt"
+            if not path.is_file():
+                pytest.fail(self._missing(group, case), pytrace=False)
+            res[case] = torch.load(path, weights_only=False)
+        return res
+
+    def runs(self, group: TwoRankGroup, world: int = 2) -> dict[str, "TrainRun"]:
+        """{case: TrainRun} of a "train" group; asserts each run exited 0 on every rank (as
+        `run_ok` does), showing the tail of its output otherwise."""
+        res = {}
+        for case, _ in group.cases:
+            base = self.out / f"{group.name}.{case}"
+            rcs = [Path(f"{base}.rank{r}.rc") for r in range(world)]
+            if not all(rc.is_file() for rc in rcs):
+                pytest.fail(self._missing(group, case), pytrace=False)
+            out = "".join(Path(f"{base}.rank{r}.out").read_text() for r in range(world))
+            err = "".join(Path(f"{base}.rank{r}.err").read_text() for r in range(world))
+            codes = [int(rc.read_text()) for rc in rcs]
+            assert codes == [0] * world, (group.name, case, codes, out[-3000:] + err[-5000:])
+            res[case] = TrainRun(0, out, err, self.out / "runs" / group.name / case)
+        return res
+
+    def rows(self, group: TwoRankGroup, world: int = 2) -> list[dict]:
+        """Every rank's rows of a bench_memory group, as bench_memory.run_ranks returns them."""
+        import json
+
+        rows = []
+        for r in range(world):
+            path = self.out / f"{group.name}.rank{r}.json"
+            if not path.is_file():
+                pytest.fail(self._missing(group, f"rank{r}"), pytrace=False)
+            rows += json.loads(path.read_text())
+        return rows
+
+
+def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str):
+    """The marked tests' groups (collection order) and dist_update's case list for them."""
+    groups: dict[str, TwoRankGroup] = {}
+    for item in items:
+        for mark in item.iter_markers("two_rank"):
+            group = mark.args[0]
+            assert groups.setdefault(group.name, group) == group, f"two groups {group.name!r}"
+    model_dirs: dict[str, str] = {}
+    cases = []
+    for group in groups.values():
+        if group.kind == "bench_memory":
+            cases.append({"name": group.name, "kind": "bench_memory"})
+            continue
+        if group.family not in model_dirs:
+            model_dirs[group.family] = tiny_model(tiny_cache, group.family, models / group.family)
+        model = model_dirs[group.family]
+        if group.kind == "train":  # flowpo ARGS, in the group's run directory, named CASE
+            for case, args in group.cases:
+                args = [a.replace("<zero3_threshold0>", zero3) for a in args]
+                args += [f"--model.path={model}", f"--logging.run_name={case}"]
+                args.append(f"--logging.run_dir={out / 'runs' / group.name}")
+                cases.append({"name": f"{group.name}.{case}", "kind": "train", "args": args})
+            continue
+        for case, overrides in group.cases:
+            overrides = [o.replace("<zero3_threshold0>", zero3) for o in overrides]
+            cases.append(
+                {
+                    "name": f"{group.name}.{case}",
+                    "kind": "update",
+                    "model": model,
+                    "recipe": group.recipe,
+                    "overrides": overrides,
+                }
+            )
+    return list(groups), cases
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the 2-rank launch run last (in their order), so that the launch,
+    started with the session, runs beside every other test before anything waits for it."""
+    marked = [item for item in items if item.get_closest_marker("two_rank")]
+    if marked:
+        items[:] = [item for item in items if not item.get_closest_marker("two_rank")] + marked
+
+
+def _die_with_parent() -> None:
+    """In the launched process, before exec: SIGTERM when the test process dies (Linux), which
+    torchrun passes on to its ranks."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@pytest.fixture(scope="session", autouse=True)
+def two_rank_launch(request, tmp_path_factory, tiny_cache, zero3_threshold0):
+    """Starts the session's one 2-rank launch (when a collected test is marked two_rank) in
+    its own process group, output to files; yields (out dir, groups, Popen or None). A launch
+    still running at the end of the session (an interrupted session, a timeout) is SIGKILLed
+    (`kill_tree`): no rank outlives the session."""
+    import json
+
+    out = tmp_path_factory.mktemp("two_rank")
+    groups, cases = _two_rank_cases(
+        request.session.items,
+        out,
+        tmp_path_factory.mktemp("two_rank_models"),
+        tiny_cache,
+        zero3_threshold0,
+    )
+    proc = None
+    if cases:
+        spec = out / "cases.json"
+        spec.write_text(json.dumps(cases, indent=1))
+        script = str(ROOT / "tests" / "dist_update.py")
+        with open(out / "stdout.txt", "w") as o, open(out / "stderr.txt", "w") as e:
+            proc = subprocess.Popen(
+                torchrun_cmd(2, script, str(out), str(spec)),
+                cwd=ROOT,
+                env=ENV,
+                stdout=o,
+                stderr=e,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+    try:
+        yield out, groups, proc
+    finally:
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def two_rank(two_rank_launch) -> TwoRankResults:
+    """The session's 2-rank launch, finished: waits for it (the first marked test), then every
+    marked test reads its own cases (`results`, `runs`, `rows`)."""
+    out, groups, proc = two_rank_launch
+    done = None
+    if proc is not None:
+        proc.wait(timeout=1500)
+        done = subprocess.CompletedProcess(
+            proc.args,
+            proc.returncode,
+            (out / "stdout.txt").read_text(),
+            (out / "stderr.txt").read_text(),
+        )
+    return TwoRankResults(out, done, groups)

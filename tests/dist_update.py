@@ -1,17 +1,32 @@
 """One update (GRPO, or train.algorithm nft/awm on the same samples' clean latents) of a fixed
 global batch, under a list of engine layouts, in one process group.
 
-Launched by tests/test_distributed.py with torchrun (1 or 2 ranks, gloo). For each case every
-rank builds the trainer (real DeepSpeed engine), samples the same global rollout of 8
-trajectories (identical on every rank: same weights, same generator), keeps its contiguous
-slice, and runs `GRPOTrainer.update` with fixed advantages. Rank 0 writes, per case, the
+For each case every rank builds the trainer (real DeepSpeed engine), samples the same global
+rollout of 8 trajectories (identical on every rank: same weights, same generator), keeps its
+contiguous slice, and runs `GRPOTrainer.update` with fixed advantages; the result holds the
 trained weights (gathered), the global gradient norm and, per rank, the ZeRO partition report.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_update.py MODEL_DIR OUT.pt CASES_JSON [RECIPE]
+The one-rank references run in the test's own process (`run_cases` under conftest's
+`as_fresh_process`). Every 2-rank case of the session (the test modules' `TwoRankGroup`s:
+sd3 GRPO and nft/awm, Qwen-Image, Bagel, and bench_memory's per-rank measurements) runs in one
+torchrun launch of this script, started once by conftest's `two_rank` fixture:
 
-RECIPE (a configs/ stem, default tiny_sd3_jpeg) picks the model family's tiny recipe; the
-cases' overrides apply on top of it. The one-rank reference runs in the test's own process
-(`run_cases` under conftest's `as_fresh_process`); several ranks need torchrun.
+    torchrun --nproc_per_node 2 tests/dist_update.py OUT_DIR CASES.json
+
+CASES.json is a list of cases, each {"name", "kind", ...}:
+
+- "update" ("model", "recipe", "overrides"): `run_case`; rank 0 writes OUT_DIR/NAME.pt.
+- "bench_memory": bench_memory's per-rank worker; every rank writes OUT_DIR/NAME.rank{R}.json
+  (bench_memory.measure_one's rows, the file bench_memory's own worker writes).
+- "train" ("args"): `flowpo ARGS` (flowpo.cli.main, a whole training run) on every rank, in the
+  launch's process group, which stays open between cases (the trainer's closing
+  close_distributed is a barrier here); every rank writes its stdout, stderr and exit status to
+  OUT_DIR/NAME.rank{R}.{out,err,rc}.
+
+Each rank prints `[dist_update] rank R: case NAME` before a case starts, so a crash names its
+case; a case that crashes or exits non-zero ends the launch (torchrun stops the other rank).
+Each case computes as it would alone in a fresh launch (torch.nn.functional.linear is put back
+before it: a ZeRO-3 engine replaces it process-wide).
 """
 
 from __future__ import annotations
@@ -126,12 +141,86 @@ def run_cases(
     return results
 
 
+def bench_memory_rows(rank: int, world: int) -> list[dict]:
+    """bench_memory's per-rank worker (`bench_memory.worker`) without its own process group:
+    measure_one for every (LoRA / full, ZeRO case)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    return [
+        bench_memory.measure_one(lora, case, rank, world)
+        for lora in (True, False)
+        for case in bench_memory.CASES
+    ]
+
+
+def train_run(args: list[str], out: Path, rank: int) -> int:
+    """`flowpo ARGS` on this rank, its output written to OUT.rank{R}.{out,err,rc}."""
+    import contextlib
+    import io
+    import traceback
+
+    from flowpo.cli import main as flowpo_main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 1
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = flowpo_main(args)
+    except BaseException:
+        stderr.write(traceback.format_exc())
+        raise
+    finally:
+        for ext, text in (("out", stdout.getvalue()), ("err", stderr.getvalue())):
+            Path(f"{out}.rank{rank}.{ext}").write_text(text)
+        Path(f"{out}.rank{rank}.rc").write_text(str(code))
+    return code
+
+
+def keep_group_open() -> None:
+    """Training runs end with the trainer's close_distributed; here the launch's group serves
+    every case, so a run's close is a barrier only (a failed run ends the launch anyway)."""
+    import flowpo.trainer.grpo as grpo
+
+    def close_distributed(barrier: bool = True) -> None:
+        if barrier:
+            torch.distributed.barrier()
+
+    grpo.close_distributed = close_distributed
+
+
 def main() -> None:
-    model_dir, out, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
-    recipe = sys.argv[4] if len(sys.argv) > 4 else "tiny_sd3_jpeg"
-    results = run_cases(model_dir, cases, out.parent / "runs", recipe)
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, out)
+    from flowpo.trainer.engine import close_distributed, init_distributed
+
+    out, cases = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    rank, world, _ = init_distributed()
+    keep_group_open()
+    for case in cases:
+        name, kind = case["name"], case["kind"]
+        print(f"[dist_update] rank {rank}: case {name}", flush=True)
+        # every case starts with a fresh process's torch.nn.functional.linear: a ZeRO-3 engine
+        # swaps in DeepSpeed's own for the rest of the process, which rounds some layers
+        # differently (a later ZeRO-2 case would not compute what it computes on its own)
+        torch.nn.functional.linear = torch._C._nn.linear
+        if kind == "bench_memory":
+            rows = bench_memory_rows(rank, world)
+            (out / f"{name}.rank{rank}.json").write_text(json.dumps(rows))
+        elif kind == "train":
+            code = train_run(case["args"], out / name, rank)
+            if code:  # the other rank may be waiting at a collective: end the launch
+                print(f"[dist_update] rank {rank}: case {name} exited {code}", flush=True)
+                sys.stdout.flush()
+                os._exit(code)
+        else:
+            result = run_case(name, case["overrides"], case["model"], out / "runs", case["recipe"])
+            if rank == 0:  # written whole, then renamed: a file that exists is a finished case
+                torch.save(result, out / f"{name}.pt.part")
+                (out / f"{name}.pt.part").rename(out / f"{name}.pt")
+    close_distributed()
+    # everything is written: skip the interpreter's teardown of torch / DeepSpeed (seconds)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.bagel_spec import spec_velocity
-from tests.conftest import NO_EVAL, flowpo_main, run_ok, torchrun_cmd, train_rows
+from tests.conftest import NO_EVAL, ZERO3_P0, flowpo_main, train_rows, two_rank_group
 
 # docs/bagel.md §2, per-layer table: name suffix -> shape in the symbols of §1
 PER_LAYER = {
@@ -476,26 +476,28 @@ def test_full_epoch_changes_only_the_moe_gen_parameters(tmp_path):
 
 
 # -- 2-rank ZeRO-3 (torchrun, gloo): partitioned, and the same update as one rank -----------------
+BAGEL_COMMON = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
+BAGEL_TWO = two_rank_group(
+    "bagel",
+    family="bagel",
+    recipe="tiny_bagel_jpeg",
+    cases={
+        "lora_z3": [*BAGEL_COMMON, "--engine.zero_stage=3", ZERO3_P0],
+        "full_z3": [*BAGEL_COMMON, "--train.lora=false", "--engine.zero_stage=3", ZERO3_P0],
+    },
+)
+
+
 @pytest.mark.slow
-def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, zero3_threshold0, tmp_path):
-    from tests.conftest import ROOT, as_fresh_process
+@pytest.mark.two_rank(BAGEL_TWO)
+def test_zero3_two_ranks_partition_and_match_one_rank(bagel_dir, two_rank, tmp_path):
+    from tests.conftest import as_fresh_process
     from tests.dist_update import run_cases
 
-    common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
-    z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
-    full = ["--train.lora=false"]
-    cases = {
-        1: {"lora": common, "full": [*common, *full]},
-        2: {"lora_z3": [*common, *z3], "full_z3": [*common, *full, *z3]},
-    }
+    one = {"lora": BAGEL_COMMON, "full": [*BAGEL_COMMON, "--train.lora=false"]}
     with as_fresh_process():  # the one-rank reference, in this process
-        res = run_cases(bagel_dir, cases[1], tmp_path / "runs", "tiny_bagel_jpeg")
-    script = str(Path(ROOT) / "tests" / "dist_update.py")
-    out = tmp_path / "w2.pt"
-    run_ok(
-        torchrun_cmd(2, script, bagel_dir, str(out), json.dumps(cases[2]), "tiny_bagel_jpeg"), 900
-    )
-    res.update(torch.load(out, weights_only=False))
+        res = run_cases(bagel_dir, one, tmp_path / "runs", "tiny_bagel_jpeg")
+    res.update(two_rank.results(BAGEL_TWO))  # 2 ranks: the session's one launch
     base = load_file(f"{bagel_dir}/ema.safetensors")
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)
     full = res["full"]["weights"]

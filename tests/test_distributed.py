@@ -23,6 +23,7 @@ from tests.conftest import (
     ENV,
     NO_EVAL,
     ROOT,
+    ZERO3_P0,
     as_fresh_process,
     euler_sample,
     flowpo_main,
@@ -31,6 +32,7 @@ from tests.conftest import (
     sigkill_at_checkpoint,
     torchrun_cmd,
     train_rows,
+    two_rank_group,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,41 +54,45 @@ def sd3_dir(tiny_dirs):
 
 
 # -- §6.7: one update of the same global batch, every layout -------------------------------------
-def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(
-    sd3_dir, zero3_threshold0, tmp_path
-):
-    script = str(ROOT / "tests" / "dist_update.py")
-    # and an evaluation of the base policy: 48 (prompt, seed) pairs = 3 chunks, split over ranks
-    seeds = ",".join(str(i) for i in range(16))
-    lr = ["--train.learning_rate=1e-4", "--eval.num_prompts=3", f"--eval.seeds={seeds}"]
-    one = {
-        "lora_mb8": lr,
-        "lora_mb4x2": [*lr, "--train.micro_batch_size=4"],
-        "full_mb8": [*lr, "--train.lora=false"],
-        "full_mb4x2": [*lr, "--train.lora=false", "--train.micro_batch_size=4"],
-    }
-    z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
-    two = {
-        "lora_z2": [*lr, "--engine.zero_stage=2"],
-        "lora_z3": [*lr, *z3],
-        "lora_z3_actckpt": [*lr, *z3, "--engine.gradient_checkpointing=true"],
-        "full_z2": [*lr, "--train.lora=false", "--engine.zero_stage=2"],
-        "full_z3": [*lr, "--train.lora=false", *z3],
+# and an evaluation of the base policy: 48 (prompt, seed) pairs = 3 chunks, split over ranks
+LR = [
+    "--train.learning_rate=1e-4",
+    "--eval.num_prompts=3",
+    f"--eval.seeds={','.join(str(i) for i in range(16))}",
+]
+Z3 = ["--engine.zero_stage=3", ZERO3_P0]
+GRPO_TWO = two_rank_group(
+    "sd3_grpo",
+    cases={
+        "lora_z2": [*LR, "--engine.zero_stage=2"],
+        "lora_z3": [*LR, *Z3],
+        "lora_z3_actckpt": [*LR, *Z3, "--engine.gradient_checkpointing=true"],
+        "full_z2": [*LR, "--train.lora=false", "--engine.zero_stage=2"],
+        "full_z3": [*LR, "--train.lora=false", *Z3],
         "full_z3_offload": [
-            *lr,
+            *LR,
             "--train.lora=false",
-            *z3,
+            *Z3,
             "--engine.offload_optimizer=true",
             "--engine.offload_params=true",
         ],
+    },
+)
+
+
+@pytest.mark.two_rank(GRPO_TWO)
+def test_same_update_on_1_and_2_ranks_zero2_zero3_and_accumulation(sd3_dir, two_rank, tmp_path):
+    one = {
+        "lora_mb8": LR,
+        "lora_mb4x2": [*LR, "--train.micro_batch_size=4"],
+        "full_mb8": [*LR, "--train.lora=false"],
+        "full_mb4x2": [*LR, "--train.lora=false", "--train.micro_batch_size=4"],
     }
     from tests.dist_update import run_cases
 
     with as_fresh_process():  # the one-rank reference, in this process
         res = run_cases(sd3_dir, one, tmp_path / "runs")
-    out = tmp_path / "w2.pt"
-    run_ok(torchrun_cmd(2, script, sd3_dir, str(out), json.dumps(two)))
-    res.update(torch.load(out, weights_only=False))
+    res.update(two_rank.results(GRPO_TWO))  # 2 ranks: the session's one launch
 
     base = load_file(str(Path(sd3_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
     for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8")):
@@ -219,36 +225,47 @@ def _assert_export_matches_policy(base_dir: str, ckpt: Path, out: Path, lora: bo
 
 
 # -- exact resume after SIGKILL, 2 ranks, ZeRO-3 full fine-tuning, CFG, β > 0 --------------------
+RESUME_ARGS = [
+    "train",
+    "-c",
+    "configs/tiny_sd3_jpeg.yaml",
+    "--rollout.batch_size=4",
+    "--rollout.num_batches=2",
+    "--train.epochs=4",
+    "--train.lora=false",
+    "--train.learning_rate=1e-4",
+    "--train.ema=true",
+    "--engine.zero_stage=3",
+    ZERO3_P0,
+    "--checkpoint.every=1",
+    "--checkpoint.keep_last_n=3",
+    "--eval.at_start=false",  # the end evaluations are compared
+    *COMMON,
+    "--engine.shard_frozen=true",
+]
+# the uninterrupted 2-rank run, in the session's one 2-rank launch
+RESUME_TWO = two_rank_group("sd3_resume", kind="train", cases={"straight": RESUME_ARGS})
+
+
+@pytest.mark.two_rank(RESUME_TWO)
 def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
-    sd3_dir, zero3_threshold0, tmp_path
+    sd3_dir, zero3_threshold0, two_rank, tmp_path
 ):
     def train_cmd(name: str, *extra: str) -> list[str]:
+        args = [a.replace("<zero3_threshold0>", zero3_threshold0) for a in RESUME_ARGS]
         return torchrun_cmd(
             2,
             "-m",
             "flowpo",
-            "train",
-            "-c",
-            "configs/tiny_sd3_jpeg.yaml",
+            *args,
             f"--model.path={sd3_dir}",
             f"--logging.run_dir={tmp_path}",
             f"--logging.run_name={name}",
-            "--rollout.batch_size=4",
-            "--rollout.num_batches=2",
-            "--train.epochs=4",
-            "--train.lora=false",
-            "--train.learning_rate=1e-4",
-            "--train.ema=true",
-            "--engine.zero_stage=3",
-            f"--engine.ds_config={zero3_threshold0}",
-            "--checkpoint.every=1",
-            "--checkpoint.keep_last_n=3",
-            "--eval.at_start=false",  # the end evaluations are compared
-            *COMMON,
             *extra,
         )
 
-    straight = run_ok(train_cmd("straight", "--engine.shard_frozen=true"))
+    straight = two_rank.runs(RESUME_TWO)["straight"]  # exited 0 on both ranks
+    straight_dir = straight.run_dir
     # frozen text encoders and VAE partitioned too (ZeRO-3 inference engines): rank 0 holds half
     sharded = re.findall(r"ZeRO-3 sharded (\w+): ([\d,]+) of ([\d,]+) parameters", straight.stdout)
     assert {name for name, *_ in sharded} >= {"text_encoder", "vae"}
@@ -258,15 +275,15 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
         )
 
     # the same run, killed (SIGKILL to the whole process group) once checkpoint-1 is the latest
-    sigkill_at_checkpoint(train_cmd("killed", "--engine.shard_frozen=true"), tmp_path / "killed")
+    sigkill_at_checkpoint(train_cmd("killed"), tmp_path / "killed")
     assert not (tmp_path / "killed" / "summary.json").is_file()
     done = [r["epoch"] for r in train_rows(tmp_path / "killed")]
     assert done[:2] == [0, 1] and len(done) < 4
 
-    resumed = run_ok(train_cmd("killed", "--engine.shard_frozen=true", "--resume", "latest"))
+    resumed = run_ok(train_cmd("killed", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
 
-    straight, killed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "killed")
+    straight, killed = train_rows(straight_dir), train_rows(tmp_path / "killed")
     # epochs logged before the kill stay in the file; the resumed run re-logs from epoch 2
     by_epoch = {r["epoch"]: r for r in killed}
     assert sorted(by_epoch) == [0, 1, 2, 3]
@@ -278,16 +295,16 @@ def test_exact_resume_after_sigkill_zero3_full_finetune_and_full_export(
         assert math.isclose(b["train/grad_norm"], a["train/grad_norm"], rel_tol=1e-6)
         assert a["train/first_ratio_max_dev"] <= 1e-6  # ZeRO-3 full FT, CFG, β > 0
     for name in ("trainable.safetensors", "trainable_ema.safetensors"):
-        w_a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / name))
+        w_a = load_file(str(straight_dir / "checkpoints" / "checkpoint-3" / name))
         w_b = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / name))
         assert w_a.keys() == w_b.keys()
         assert all(torch.equal(w_a[k], w_b[k]) for k in w_a), name
-    end_a = json.loads((tmp_path / "straight" / "summary.json").read_text())["eval_end"]
+    end_a = json.loads((straight_dir / "summary.json").read_text())["eval_end"]
     end_b = json.loads((tmp_path / "killed" / "summary.json").read_text())["eval_end"]
     assert end_a["reward_mean"] == end_b["reward_mean"]
 
     # full export: a complete model directory diffusers loads, consolidated from ZeRO-3 shards
-    ckpt = tmp_path / "straight" / "checkpoints" / "checkpoint-3"
+    ckpt = straight_dir / "checkpoints" / "checkpoint-3"
     out = tmp_path / "full_export"
     p = flowpo_main("export", str(ckpt), str(out))
     assert p.returncode == 0, p.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 from flowpo import memory
 from flowpo.memory import GIB, STRATEGIES, ModelCounts, Strategy, estimate, zero_numels
-from tests.conftest import ROOT, as_fresh_process
+from tests.conftest import ROOT, as_fresh_process, two_rank_group
 
 N = 8
 UNIFORM = (1024,) * 64  # 64 equal tensors: no tensor straddles a ZeRO-2 boundary at N = 8
@@ -151,8 +151,13 @@ def test_fit_table_covers_every_model_mode_and_strategy_and_zero3_saves_memory()
     assert GIB == 2**30
 
 
+# bench_memory's 2-rank measurement (its worker's rows), in the session's one 2-rank launch
+MEASURE_TWO = two_rank_group("bench_memory", kind="bench_memory")
+
+
 @pytest.mark.slow
-def test_measured_zero_partitions_match_the_model(tmp_path):
+@pytest.mark.two_rank(MEASURE_TWO)
+def test_measured_zero_partitions_match_the_model(two_rank):
     """flowpo's Engine on 1 (this process) and 2 gloo ranks (torchrun), tiny SD3 transformer,
     bf16: per-rank gradients and optimizer state as predicted; ZeRO-3 parameters within the
     persistence bound; the frozen KL reference of full fine-tuning replicated under ZeRO 0/2,
@@ -174,7 +179,7 @@ def test_measured_zero_partitions_match_the_model(tmp_path):
             for case in bench_memory.CASES
         ]
     one = json.loads(json.dumps(one))  # as the worker's file gives them
-    two = bench_memory.run_ranks(2, tmp_path)
+    two = two_rank.rows(MEASURE_TWO)  # bench_memory.run_ranks(2, ...)'s rows
     rows = {(r["mode"], r["zero"], r["world"]): r for r in bench_memory.summarise(one + two)}
     for (mode, zero, world), r in rows.items():
         if world == 1:  # one rank: nothing to partition, every case holds what ZeRO-0 holds

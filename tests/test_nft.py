@@ -20,7 +20,14 @@ from flowpo.trainer.forward_rl import (
     optimality_probability,
 )
 from flowpo.trainer.preflight import preflight
-from tests.conftest import flowpo_main, run_ok, sigkill_at_checkpoint, torchrun_cmd, train_rows
+from tests.conftest import (
+    flowpo_main,
+    run_ok,
+    sigkill_at_checkpoint,
+    torchrun_cmd,
+    train_rows,
+    two_rank_group,
+)
 
 
 def _batch(seed: int, b: int = 5, shape=(3, 4, 4)):
@@ -276,35 +283,38 @@ def test_nft_trains_two_epochs_and_resumes_bit_identically(tmp_path):
     assert json.dumps(numbers(resumed[-1])) == json.dumps(numbers(rows[-1]))
 
 
+NFT = ["--train.algorithm=nft", "--train.learning_rate=1e-4", "--train.beta=0.01"]
+AWM = ["--train.algorithm=awm", "--train.learning_rate=1e-4", "--train.beta=0.01"]
+NFT_TWO = two_rank_group(
+    "sd3_nft",
+    cases={
+        "lora_z2": [*NFT, "--engine.zero_stage=2"],
+        "full_z2": [*NFT, "--train.lora=false", "--engine.zero_stage=2"],
+        "awm_z2": [*AWM, "--engine.zero_stage=2"],
+    },
+)
+
+
 @pytest.mark.slow
-def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_path):
+@pytest.mark.two_rank(NFT_TWO)
+def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, two_rank, tmp_path):
     """§6.7 for nft (and awm): one update of the same 8 clean samples (per-sample training
     times and noise keyed by the global sample index) gives the same weights and gradient norm
     on one rank (micro-batch 8, or 4 x 2 accumulation) and on two ranks under ZeRO-2, LoRA and
     full fine-tuning, with the KL to the reference."""
 
-    from tests.conftest import ROOT, as_fresh_process
+    from tests.conftest import as_fresh_process
     from tests.dist_update import run_cases
 
-    sd3 = tiny_dirs["sd3"]
-    nft = ["--train.algorithm=nft", "--train.learning_rate=1e-4", "--train.beta=0.01"]
-    awm = ["--train.algorithm=awm", "--train.learning_rate=1e-4", "--train.beta=0.01"]
     one = {
-        "lora_mb8": nft,
-        "lora_mb4x2": [*nft, "--train.micro_batch_size=4"],
-        "full_mb8": [*nft, "--train.lora=false"],
-        "awm_mb8": awm,
-    }
-    two = {
-        "lora_z2": [*nft, "--engine.zero_stage=2"],
-        "full_z2": [*nft, "--train.lora=false", "--engine.zero_stage=2"],
-        "awm_z2": [*awm, "--engine.zero_stage=2"],
+        "lora_mb8": NFT,
+        "lora_mb4x2": [*NFT, "--train.micro_batch_size=4"],
+        "full_mb8": [*NFT, "--train.lora=false"],
+        "awm_mb8": AWM,
     }
     with as_fresh_process():
-        res = run_cases(sd3, one, tmp_path / "runs")
-    out = tmp_path / "w2.pt"
-    run_ok(torchrun_cmd(2, str(ROOT / "tests" / "dist_update.py"), sd3, str(out), json.dumps(two)))
-    res.update(torch.load(out, weights_only=False))
+        res = run_cases(tiny_dirs["sd3"], one, tmp_path / "runs")
+    res.update(two_rank.results(NFT_TWO))  # 2 ranks: the session's one launch
     for kind, ref_name in (("lora", "lora_mb8"), ("full", "full_mb8"), ("awm", "awm_mb8")):
         ref = res[ref_name]
         assert math.isfinite(ref["loss"]) and ref["grad_norm"] > 0
@@ -318,8 +328,33 @@ def test_nft_same_update_on_1_and_2_ranks_zero2_and_accumulation(tiny_dirs, tmp_
     assert any(v.abs().max() > 0 for k, v in res["lora_mb8"]["weights"].items() if "lora_B" in k)
 
 
+RESUME_ARGS = [
+    "train",
+    "-c",
+    "configs/tiny_sd3_jpeg.yaml",
+    "--logging.wandb=off",
+    "--logging.progress=false",
+    "--rollout.batch_size=4",
+    "--rollout.num_batches=2",
+    "--sampling.num_steps=4",
+    "--train.epochs=4",
+    "--train.algorithm=nft",
+    "--train.beta=0.01",
+    "--train.ema=true",
+    "--engine.zero_stage=2",
+    "--checkpoint.every=1",
+    "--checkpoint.keep_last_n=3",
+    "--eval.at_start=false",
+    "--eval.at_end=false",
+    "--eval.every=0",
+]
+# the uninterrupted 2-rank run, in the session's one 2-rank launch
+RESUME_TWO = two_rank_group("sd3_nft_resume", kind="train", cases={"straight": RESUME_ARGS})
+
+
 @pytest.mark.slow
-def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
+@pytest.mark.two_rank(RESUME_TWO)
+def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, two_rank, tmp_path):
     """2 ranks, ZeRO-2, LoRA, β > 0, train.ema: a run SIGKILLed once checkpoint-1 is the latest
     and resumed gives the uninterrupted run's numbers and weights bit for bit (the old policy
     is restored from old_policy_rank{R}.pt)."""
@@ -331,38 +366,20 @@ def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
             2,
             "-m",
             "flowpo",
-            "train",
-            "-c",
-            "configs/tiny_sd3_jpeg.yaml",
+            *RESUME_ARGS,
             f"--model.path={tiny_dirs['sd3']}",
             f"--logging.run_dir={tmp_path}",
             f"--logging.run_name={name}",
-            "--logging.wandb=off",
-            "--logging.progress=false",
-            "--rollout.batch_size=4",
-            "--rollout.num_batches=2",
-            "--sampling.num_steps=4",
-            "--train.epochs=4",
-            "--train.algorithm=nft",
-            "--train.beta=0.01",
-            "--train.ema=true",
-            "--engine.zero_stage=2",
-            "--checkpoint.every=1",
-            "--checkpoint.keep_last_n=3",
-            "--eval.at_start=false",
-            "--eval.at_end=false",
-            "--eval.every=0",
             *extra,
         )
 
-    run = run_ok
-    run(train_cmd("straight"))
+    straight_dir = two_rank.runs(RESUME_TWO)["straight"].run_dir  # exited 0 on both ranks
     sigkill_at_checkpoint(train_cmd("killed"), tmp_path / "killed")
     assert [r["epoch"] for r in train_rows(tmp_path / "killed")][:2] == [0, 1]
-    resumed = run(train_cmd("killed", "--resume", "latest"))
+    resumed = run_ok(train_cmd("killed", "--resume", "latest"))
     assert "resumed from" in resumed.stdout
 
-    straight = train_rows(tmp_path / "straight")
+    straight = train_rows(straight_dir)
     by_epoch = {r["epoch"]: r for r in train_rows(tmp_path / "killed")}
     assert sorted(by_epoch) == [0, 1, 2, 3]
     for a in straight:
@@ -371,13 +388,13 @@ def test_nft_exact_resume_after_sigkill_two_ranks_zero2(tiny_dirs, tmp_path):
             if key.startswith(("reward", "train/", "adv")):
                 assert b[key] == value, (a["epoch"], key, value, b[key])
     for name in ("trainable.safetensors", "trainable_ema.safetensors"):
-        w_a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / name))
+        w_a = load_file(str(straight_dir / "checkpoints" / "checkpoint-3" / name))
         w_b = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / name))
         assert w_a.keys() == w_b.keys()
         assert all(torch.equal(w_a[k], w_b[k]) for k in w_a), name
     for rank in (0, 1):
         old = f"old_policy_rank{rank}.pt"
-        o_a = torch.load(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / old)
+        o_a = torch.load(straight_dir / "checkpoints" / "checkpoint-3" / old)
         o_b = torch.load(tmp_path / "killed" / "checkpoints" / "checkpoint-3" / old)
         assert all(torch.equal(o_a["shadow"][k], o_b["shadow"][k]) for k in o_a["shadow"])
 
@@ -416,58 +433,56 @@ def test_nft_raises_the_training_reward_by_more_than_three_standard_errors(tmp_p
     assert last - first > 3 * math.hypot(se_first, se_last), (first, last, se_first, se_last)
 
 
+SWAP_ARGS = [
+    "train",
+    "-c",
+    "configs/tiny_sd3_jpeg.yaml",
+    "--logging.wandb=off",
+    "--logging.progress=false",
+    "--rollout.batch_size=4",
+    "--rollout.num_batches=1",
+    "--sampling.num_steps=4",
+    "--train.epochs=3",
+    "--train.algorithm=nft",
+    "--train.beta=0.01",
+    "--train.learning_rate=3e-2",
+    "--forward.old_decay_rate=0.5",
+    "--forward.old_decay_max=0.9",
+    "--train.ema=true",
+    "--train.ema_update_interval=1",
+    "--eval.at_start=false",
+    "--eval.at_end=false",
+    "--eval.every=0",
+]
+SWAP_TWO = two_rank_group(
+    "sd3_nft_swap",
+    kind="train",
+    cases={f"z{stage}": [*SWAP_ARGS, f"--engine.zero_stage={stage}"] for stage in (2, 3)},
+)
+
+
 @pytest.mark.slow
-def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(tiny_dirs, tmp_path):
+@pytest.mark.two_rank(SWAP_TWO)
+def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(two_rank):
     """Under ZeRO-3 the old policy is swapped into the partitions, and the whole copies of
     gathered parameters (LoRA weights are small enough to stay gathered at the template's
     persistence threshold) are dropped and re-gathered around the swap (Engine.refresh_gathered):
     3 epochs on 2 ranks give ZeRO-2's numbers, with the old policy well away from the policy.
     The same swap serves train.ema (evaluation, trainable_ema.safetensors): ZeRO-3's EMA export
-    is ZeRO-2's, not the current weights."""
+    is ZeRO-2's, not the current weights. Both runs: the session's one 2-rank launch."""
 
     from safetensors.torch import load_file
 
-    def run(name: str, stage: int) -> list[dict]:
-        cmd = torchrun_cmd(
-            2,
-            "-m",
-            "flowpo",
-            "train",
-            "-c",
-            "configs/tiny_sd3_jpeg.yaml",
-            f"--model.path={tiny_dirs['sd3']}",
-            f"--logging.run_dir={tmp_path}",
-            f"--logging.run_name={name}",
-            "--logging.wandb=off",
-            "--logging.progress=false",
-            "--rollout.batch_size=4",
-            "--rollout.num_batches=1",
-            "--sampling.num_steps=4",
-            "--train.epochs=3",
-            "--train.algorithm=nft",
-            "--train.beta=0.01",
-            "--train.learning_rate=3e-2",
-            "--forward.old_decay_rate=0.5",
-            "--forward.old_decay_max=0.9",
-            "--train.ema=true",
-            "--train.ema_update_interval=1",
-            f"--engine.zero_stage={stage}",
-            "--eval.at_start=false",
-            "--eval.at_end=false",
-            "--eval.every=0",
-        )
-        run_ok(cmd)
-        return train_rows(tmp_path / name)
-
-    z2, z3 = run("z2", 2), run("z3", 3)
+    runs = two_rank.runs(SWAP_TWO)  # each exited 0 on both ranks
+    z2, z3 = (train_rows(runs[name].run_dir) for name in ("z2", "z3"))
     assert z2[-1]["train/old_deviation"] > 1e-3  # the old policy differs from the policy
     for a, b in zip(z2, z3, strict=True):
         for key in ("reward_mean", "train/loss", "train/old_deviation", "train/grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["epoch"], key, a[key], b[key])
     ckpt = "checkpoints/checkpoint-2"
-    ema2 = load_file(str(tmp_path / "z2" / ckpt / "trainable_ema.safetensors"))
-    ema3 = load_file(str(tmp_path / "z3" / ckpt / "trainable_ema.safetensors"))
-    now3 = load_file(str(tmp_path / "z3" / ckpt / "trainable.safetensors"))
+    ema2 = load_file(str(runs["z2"].run_dir / ckpt / "trainable_ema.safetensors"))
+    ema3 = load_file(str(runs["z3"].run_dir / ckpt / "trainable_ema.safetensors"))
+    now3 = load_file(str(runs["z3"].run_dir / ckpt / "trainable.safetensors"))
     assert max(float((ema3[k] - now3[k]).abs().max()) for k in now3) > 1e-3
     for k, w in ema2.items():
         torch.testing.assert_close(ema3[k], w, atol=1e-5, rtol=0)

@@ -23,14 +23,14 @@ from flowpo.models.tiny import make_tiny
 from tests.conftest import (
     NO_EVAL,
     ROOT,
+    ZERO3_P0,
     add_active_lora,
     as_fresh_process,
     euler_sample,
     flowpo_main,
-    run_ok,
     tiny_model,
-    torchrun_cmd,
     train_rows,
+    two_rank_group,
 )
 
 # different token counts: the per-row masks and the padding are exercised
@@ -451,26 +451,35 @@ def test_tiny_recipe_trains_two_epochs_with_ratio_one(tmp_path):
 
 
 # ---- 2-rank ZeRO-3 -------------------------------------------------------------------------
+QWEN_COMMON = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
+QWEN_TWO = two_rank_group(
+    "qwen_image",
+    family="qwen-image",
+    recipe="tiny_qwen_image_jpeg",
+    cases={
+        "lora_z3": [*QWEN_COMMON, "--engine.zero_stage=3", ZERO3_P0],
+        "lora_z3_actckpt": [
+            *QWEN_COMMON,
+            "--engine.zero_stage=3",
+            ZERO3_P0,
+            "--engine.gradient_checkpointing=true",
+        ],
+        "full_z3": [*QWEN_COMMON, "--train.lora=false", "--engine.zero_stage=3", ZERO3_P0],
+    },
+)
+
+
 @pytest.mark.slow
-def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, zero3_threshold0, tmp_path):
+@pytest.mark.two_rank(QWEN_TWO)
+def test_zero3_on_2_ranks_partitions_and_equals_1_rank(qwen_dir, two_rank, tmp_path):
     from safetensors.torch import load_file
 
     from tests.dist_update import run_cases
 
-    common = ["--train.learning_rate=1e-4", "--rollout.window_range=0,2"]
-    z3 = ["--engine.zero_stage=3", f"--engine.ds_config={zero3_threshold0}"]
-    one = {"lora": common, "full": [*common, "--train.lora=false"]}
-    two = {
-        "lora_z3": [*common, *z3],
-        "lora_z3_actckpt": [*common, *z3, "--engine.gradient_checkpointing=true"],
-        "full_z3": [*common, "--train.lora=false", *z3],
-    }
-    script = str(ROOT / "tests" / "dist_update.py")
+    one = {"lora": QWEN_COMMON, "full": [*QWEN_COMMON, "--train.lora=false"]}
     with as_fresh_process():  # the one-rank reference, in this process
         res = run_cases(qwen_dir, one, tmp_path / "runs", "tiny_qwen_image_jpeg")
-    out = tmp_path / "w2.pt"
-    run_ok(torchrun_cmd(2, script, qwen_dir, str(out), json.dumps(two), "tiny_qwen_image_jpeg"))
-    res.update(torch.load(out, weights_only=False))
+    res.update(two_rank.results(QWEN_TWO))  # 2 ranks: the session's one launch
     base = load_file(str(Path(qwen_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(v.abs().max() > 0 for k, v in res["lora"]["weights"].items() if "lora_B" in k)
     assert max(float((res["full"]["weights"][k] - base[k]).abs().max()) for k in base) > 1e-5
