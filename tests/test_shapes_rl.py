@@ -98,6 +98,7 @@ def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_
         "--eval.num_prompts=4",
         "--eval.seeds=0",
         "--reward.weights={jpeg_incompressibility: 1.0}",
+        "--reward.options={}",  # the recipe's shapes options go with its shapes reward
         *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
