@@ -327,6 +327,9 @@ def zero3_threshold0(tmp_path_factory) -> str:
 # free most of the time), and the marked tests run last (`pytest_collection_modifyitems`),
 # reading their own cases' results (`two_rank`).
 ZERO3_P0 = "--engine.ds_config=<zero3_threshold0>"  # the `zero3_threshold0` template, at launch
+# a tiny random CLIP + LAION-layout head (rewards/tiny.py), built at launch: the `aesthetic`
+# reward's model_dir for train cases that need a reward continuous in the pixels
+TINY_AESTHETIC = "<tiny_aesthetic>"
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,13 @@ def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str)
         if group.kind == "train":  # flowpo ARGS, in the group's run directory, named CASE
             for case, args in group.cases:
                 args = [a.replace("<zero3_threshold0>", zero3) for a in args]
+                if any(TINY_AESTHETIC in a for a in args):
+                    aesthetic = models / "aesthetic"
+                    if not aesthetic.is_dir():
+                        from flowpo.rewards.tiny import make_tiny_aesthetic
+
+                        make_tiny_aesthetic(str(aesthetic))
+                    args = [a.replace(TINY_AESTHETIC, str(aesthetic)) for a in args]
                 args += [f"--model.path={model}", f"--logging.run_name={case}"]
                 args.append(f"--logging.run_dir={out / 'runs' / group.name}")
                 cases.append({"name": f"{group.name}.{case}", "kind": "train", "args": args})
