@@ -295,3 +295,26 @@ def test_exact_counts_closes_the_at_least_loophole_in_partial_credit_only():
     )
     assert abs(out.scores[0].item() - 1 / 3) < 1e-6 and out.scores[1].item() == 1.0
     assert out.details["shapes/strict"].tolist() == [1.0, 1.0]
+
+
+def test_excess_penalty_charges_each_object_beyond_the_asked_number():
+    """excess_penalty subtracts its value per recognised object beyond the objects the prompt
+    asks for (here 3 drawn, 1 asked), on top of GenEval's partial credit and of exact_counts;
+    a clean answer pays nothing and strict correctness stays GenEval's."""
+    from flowpo.rewards.base import WeightedReward
+
+    m = _meta("a photo of a circle")
+    clutter = [
+        Obj("circle", "red", 1, 1, 9),
+        Obj("circle", "blue", 20, 1, 9),
+        Obj("square", "green", 10, 20, 9),
+    ]
+    x = torch.from_numpy(np.stack([draw(clutter), draw(clutter[:1])])).permute(0, 3, 1, 2)
+    x = x.float() / 255
+    for exact, base in ((False, 1.0), (True, 1 / 3)):
+        opts = {"shapes": {"exact_counts": exact, "excess_penalty": 0.25}}
+        out = WeightedReward({"shapes": 1.0}, opts)(x, [m["prompt"]] * 2, [m] * 2)
+        assert abs(out.scores[0].item() - (base - 2 * 0.25)) < 1e-6, exact
+        assert out.scores[1].item() == 1.0
+        assert out.details["shapes/strict"].tolist() == [1.0, 1.0]
+        assert out.details["shapes/excess_objects"].tolist() == [2.0, 0.0]

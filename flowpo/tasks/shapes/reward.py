@@ -14,6 +14,7 @@ def shapes_reward(
     quality_weight: float = 0.0,
     exact_counts: bool = False,
     strict_weight: float = 0.0,
+    excess_penalty: float = 0.0,
 ):
     """strict_weight > 0 adds that much for a strictly correct image (GenEval's rule) to the
     partial credit, so the reward separates "all checks but one" from "correct".
@@ -21,7 +22,11 @@ def shapes_reward(
     recognised shapes, `details["quality"]`) to the partial credit: GenEval's score is flat
     while shapes are too ragged to detect, the quality term grades that. exact_counts adds
     checks against extra objects to the partial credit (see `geneval_rules.score`); `strict`
-    stays GenEval's rule, so evaluations are unchanged. The details also carry drawing
+    stays GenEval's rule, so evaluations are unchanged. excess_penalty > 0 subtracts that much
+    per recognised object beyond the number the prompt asks for: exact_counts checks each named
+    class, but a policy could still gain partial credit by drawing more objects overall (on the
+    world-v3 base, a window-plan run raised the excess from +0.17 to +0.57 objects per image
+    with exact_counts alone; docs/results.md). The details also carry drawing
     statistics that evaluation reports to expose reward hacking: `excess_objects` (recognised
     objects minus the objects the prompt asks for), `components` and `recognised`."""
     from flowpo.tasks.shapes.detect import analyse, score
@@ -42,11 +47,14 @@ def shapes_reward(
                 position_failure_point=position_failure_point,
                 exact_counts=exact_counts,
             )
-            partial.append(sc + quality_weight * q + strict_weight * float(ok))
+            asked = sum(c["count"] for c in meta["include"])
+            extra = len(found) - asked
+            partial.append(
+                sc + quality_weight * q + strict_weight * float(ok) - excess_penalty * max(extra, 0)
+            )
             strict.append(float(ok))
             quality.append(q)
-            asked = sum(c["count"] for c in meta["include"])
-            excess.append(len(found) - asked)
+            excess.append(extra)
             comps.append(stats["components"])
             recog.append(stats["recognised"])
         return RewardOutput(
