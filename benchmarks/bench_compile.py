@@ -4,8 +4,10 @@ compile time, side by side in one invocation.
     python benchmarks/bench_compile.py                 # tiny SD3 recipe, 2 off/on pairs, 5 epochs
     python benchmarks/bench_compile.py --cache warm    # inductor's default on-disk cache
     python benchmarks/bench_compile.py --epochs 3 --sampling.num_steps=4   # + recipe overrides
+    python benchmarks/bench_compile.py --recipe configs/shapes.yaml --epochs 4 --pairs 1 \
+        --out benchmarks/results/compile_shapes.json          # the shapes default job's recipe
 
-Each setting is a `python -m flowpo train -c configs/tiny_sd3_jpeg.yaml` run in its own process
+Each setting is a `python -m flowpo train -c RECIPE` (default configs/tiny_sd3_jpeg.yaml) run in its own process
 (LoRA, ZeRO-0, fp32; no evaluation, no checkpoints), alternating compile off and on, `--pairs`
 times, so both see the same load. Epoch time, wall (`time/epoch_s`) and CPU (the process's and
 its finished children's CPU seconds, read from /proc at each epoch's metrics row: on a shared
@@ -46,7 +48,14 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def run(compile_on: bool, epochs: int, threads: int, cache: str | None, extra: list[str]) -> dict:
+def run(
+    compile_on: bool,
+    epochs: int,
+    threads: int,
+    cache: str | None,
+    extra: list[str],
+    recipe: str = RECIPE,
+) -> dict:
     """One training run in a fresh process (inductor cache `cache`, None = torch's default);
     its per-epoch wall and CPU times, metrics and first ratios. CPU seconds per epoch are read
     from /proc whenever metrics.jsonl gains a row (polled every 50 ms): on a shared machine
@@ -65,7 +74,7 @@ def run(compile_on: bool, epochs: int, threads: int, cache: str | None, extra: l
             "flowpo",
             "train",
             "-c",
-            RECIPE,
+            recipe,
             f"--train.epochs={epochs}",
             f"--engine.compile={str(compile_on).lower()}",
             "--eval.at_start=false",
@@ -120,6 +129,7 @@ def summary(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=RECIPE, help="the recipe trained (path from the root)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per run (>= 2)")
     p.add_argument("--pairs", type=int, default=2, help="off/on run pairs, alternating")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = str(Path(cache_dir) / "inductor") if args.cache == "cold" else None
         for _ in range(args.pairs):
             for on in (False, True):
-                runs[on].append(run(on, args.epochs, args.threads, cache, args.extra))
+                runs[on].append(run(on, args.epochs, args.threads, cache, args.extra, args.recipe))
                 last = runs[on][-1]
                 print(f"compile {'on ' if on else 'off'}: epochs (wall / CPU s) " + ", ".join(
                     f"{w:.1f}/{c:.1f}" for w, c in zip(last["epoch_s"], last["epoch_cpu_s"])),
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("epoch_s", "epoch_cpu_s")
     }
     result = {
-        "recipe": RECIPE,
+        "recipe": args.recipe,
         "overrides": args.extra,
         "epochs": args.epochs,
         "pairs": args.pairs,
