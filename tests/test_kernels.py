@@ -3,7 +3,8 @@ Triton's interpreter: forward and gradient of both ops against the reference on 
 and against float64, every SDE type and reduce mode, float32/bfloat16/float16 inputs, odd D,
 broadcast samples; every output element written (buffers are poisoned); gradcheck of the
 references; RatioNorm closed form == long form (docs/algorithms.md §6.5, §6.6); backend dispatch;
-and one training epoch with kernels=triton == kernels=torch.
+rollouts that store what the kernels re-score (first ratio exactly 1); and training epochs with
+kernels=triton == kernels=torch, the GRPO-Guard one through the fused Guard loss kernel.
 
 TRITON_INTERPRET=1 is set below before anything imports the kernel modules: Triton picks
 interpreter or compiler when `@triton.jit` runs (docs/environment.md). Only this module imports
@@ -15,6 +16,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -495,6 +497,134 @@ def test_lora_gradient_through_the_kernel_matches_torch(tiny_dirs):
     assert_close(got, want, 1e-5, 1e-4, "LoRA gradient", True)
 
 
+@pytest.mark.parametrize("ratio_norm", [False, True], ids=["plain", "guard"])
+def test_triton_rollout_stores_what_the_kernels_rescore(tiny_dirs, ratio_norm):
+    """With the triton backend the rollout stores the fused kernel's log-probs and means, so the
+    trainer's re-scoring (`update.step_loss`) under the unchanged policy reproduces them bit for
+    bit: ratio exactly 1, and GRPO-Guard's normalised log-ratio exactly 0 (invariant 4)."""
+    from flowpo.config import load_config
+    from flowpo.models.base import load_adapter
+    from flowpo.trainer.rollout import build_plan, sample_rollout
+    from flowpo.trainer.update import step_loss
+
+    args = ["--sampling.num_steps=4", f"--train.ratio_norm={str(ratio_norm).lower()}"]
+    cfg = load_config(None, args + ["--train.gradient_reweight=true", "--train.clip_range=2e-6"])
+    adapter = load_adapter("sd3", tiny_dirs["sd3"], guidance_scale=1.0)
+    embeds = adapter.encode_prompts(["a red circle", "two blue squares"] * 2)
+    plan = build_plan(cfg).step_plan(4, epoch=0)
+    sigmas = adapter.sigmas(4, adapter.initial_noise(1, torch.Generator().manual_seed(1)))
+    gen = torch.Generator().manual_seed(0)
+    ro = sample_rollout(adapter, embeds, plan, sigmas, cfg, gen, backend="triton")
+    assert (ro.means is not None) == ratio_norm
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for j in range(ro.num_trained):
+        out = step_loss(adapter, ro, j, embeds, adv, cfg, sigma_max=float(sigmas[1]),
+                        backend="triton")  # fmt: skip
+        assert float(out.stats["ratio_max_dev"]) == 0.0, j
+        if ratio_norm:  # the Guard kernel's z and, as its first log-prob, the stored one
+            assert out.step is None
+            assert torch.equal(out.log_probs[0], torch.zeros(4)), out.log_probs[0]
+        else:
+            assert torch.equal(out.step.log_prob.detach(), ro.log_probs[:, j])
+
+
+GUARD_EPOCH = (
+    # tiny GRPO-Guard recipe (RatioNorm, gradient reweight, clip 2e-6): 8 samples, micro-batch
+    # 4, two optimizer steps, so the second half of the epoch re-scores under updated weights
+    # (ratios off 1, both clipped branches active); a KL term on top of the fused loss
+    "--train.epochs=1", "--rollout.batch_size=4", "--rollout.num_batches=2",
+    "--rollout.group_size=4", "--sampling.num_steps=4", "--train.steps_per_epoch=2",
+    "--train.learning_rate=1e-3", "--train.beta=0.04",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guard_epochs(tmp_path_factory):
+    """One epoch of configs/tiny_sd3_guard.yaml per backend, in this process (the kernel
+    modules interpreted). The triton run counts the calls of the Guard kernel's forward and
+    backward launchers (counting wrappers around the real functions)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import NO_EVAL, flowpo_main, train_rows
+
+    _interpreted_modules()
+    root = tmp_path_factory.mktemp("guard_epochs")
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    out = {}
+    for kernels in ("torch", "triton"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(guard_mod, "guard_forward", counted("forward", guard_mod.guard_forward))
+            mp.setattr(guard_mod, "guard_backward", counted("backward", guard_mod.guard_backward))
+            proc = flowpo_main(
+                "train", "-c", "configs/tiny_sd3_guard.yaml",
+                f"--logging.run_dir={root}", f"--logging.run_name={kernels}",
+                f"--train.kernels={kernels}", *GUARD_EPOCH, "--logging.wandb=off",
+                "--logging.progress=false", *NO_EVAL,
+                TRITON_INTERPRET="1",
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        sizes = dict(re.findall(r"(\w+)=([\d,]+)", proc.stdout.split("sizes: ")[1].split("\n")[0]))
+        ckpt = root / kernels / "checkpoints" / "checkpoint-0" / "trainable.safetensors"
+        out[kernels] = {
+            "rows": train_rows(root / kernels),
+            "weights": load_file(str(ckpt)),
+            "calls": dict(calls),
+            "sizes": {k: int(v.replace(",", "")) for k, v in sizes.items()},
+        }
+        calls.update(forward=0, backward=0)
+    return out
+
+
+def test_guard_epoch_with_triton_kernel_matches_torch(guard_epochs):
+    """One epoch of GRPO-Guard (RatioNorm, gradient reweight, KL term; DeepSpeed, LoRA) with
+    kernels=triton (the fused Guard loss, interpreted) equals kernels=torch to 1e-5 in the loss,
+    the gradient norm and the updated weights. (At ratio ~1 the loss is a mean of O(1 / |dt|)
+    terms whose advantages cancel, so both backends' values carry ~1e-7 of float32 rounding.)"""
+    want, got = guard_epochs["torch"]["rows"], guard_epochs["triton"]["rows"]
+    assert len(want) == len(got) == 1
+    want, got = want[0], got[0]
+    for key in ("train/loss", "train/policy_loss", "train/kl", "train/grad_norm"):
+        assert abs(got[key] - want[key]) <= 1e-5, (key, got[key], want[key])
+    assert abs(got["train/grad_norm"] / want["train/grad_norm"] - 1) <= 1e-5
+    for key in ("train/clipfrac_high", "train/clipfrac_low"):
+        # the second optimizer step's ratios are clipped on both sides, and not all of them
+        assert got[key] == want[key] and 0 < got[key] < 0.5, (key, got[key], want[key])
+    assert want["train/kl"] > 0
+    w_want, w_got = guard_epochs["torch"]["weights"], guard_epochs["triton"]["weights"]
+    assert w_want.keys() == w_got.keys()
+    for name, w in w_want.items():
+        assert_close(w_got[name], w, 1e-5, 0.0, name)
+    # LoRA's B starts at 0: two Adam steps at lr 1e-3 moved it 200x the tolerance
+    assert max(float(w.abs().max()) for n, w in w_want.items() if "lora_B" in n) > 1e-3
+
+
+def test_guard_training_step_calls_the_guard_kernel(guard_epochs):
+    """kernels=triton with train.ratio_norm: the trainer's loss goes through the fused Guard
+    kernel, forward and backward, once per (micro-batch, trained transition); kernels=torch
+    never calls it."""
+    sizes = guard_epochs["triton"]["sizes"]
+    per_epoch = sizes["images_per_epoch"] // sizes["micro_batch_size"]
+    expected = per_epoch * sizes["trained_steps_per_sample"]
+    assert expected == 6  # 2 micro-batches x 3 trained transitions
+    assert guard_epochs["triton"]["calls"] == {"forward": expected, "backward": expected}
+    assert guard_epochs["torch"]["calls"] == {"forward": 0, "backward": 0}
+
+
+def test_guard_epoch_with_triton_kernel_starts_at_ratio_one(guard_epochs):
+    """The rollout stores the fused kernel's means (kernels=triton), so the first update's
+    GRPO-Guard ratio is exactly 1, as with kernels=torch."""
+    for kernels in ("torch", "triton"):
+        assert guard_epochs[kernels]["rows"][0]["train/first_ratio_max_dev"] == 0.0, kernels
+
+
 def _train_rows(tmp_path, kernels):
     """One epoch through the CLI in this process (the kernel modules interpreted, as above)."""
     from tests.conftest import NO_EVAL, flowpo_main, train_rows
@@ -516,13 +646,15 @@ def _train_rows(tmp_path, kernels):
 @pytest.mark.slow
 def test_training_epoch_with_triton_kernels_matches_torch(tmp_path):
     """One epoch of tiny SD3 through the CLI (DeepSpeed, LoRA, KL term): kernels=triton (the
-    interpreter) gives the losses of kernels=torch, and re-scoring through the kernel keeps the
-    ratio at 1 (to float32 rounding) for every stored transition before the update. (The epoch's
-    losses all precede its one optimizer step; the gradient is checked by the LoRA test above.)"""
+    interpreter) gives the losses of kernels=torch, and the rollout's stored log-probs come from
+    the kernel that re-scores them, so the ratio is exactly 1 for every stored transition before
+    the update (with flowpo.sde's rollout log-probs it was 1 only to float32 rounding, 1.2e-7).
+    (The epoch's losses all precede its one optimizer step; the gradient is checked by the LoRA
+    test above.)"""
     torch_rows, triton_rows = _train_rows(tmp_path, "torch"), _train_rows(tmp_path, "triton")
     assert len(torch_rows) == len(triton_rows) == 1
     for key in ("train/loss", "train/policy_loss", "train/kl"):
         got, want = triton_rows[0][key], torch_rows[0][key]
         assert abs(got - want) <= 1e-5, (key, got, want)
-    assert triton_rows[0]["train/ratio_max_dev"] <= 1e-6
-    assert triton_rows[0]["train/first_ratio_max_dev"] <= 1e-6
+    assert triton_rows[0]["train/ratio_max_dev"] == 0.0
+    assert triton_rows[0]["train/first_ratio_max_dev"] == 0.0

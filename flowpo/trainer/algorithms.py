@@ -65,7 +65,9 @@ class GRPO(Algorithm):
 
     def sample_batch(self, embeds, epoch, batch, sigmas, gen):
         step_plan = self.trainer.plan.step_plan(sigmas, epoch, batch)
-        ro = sample_rollout(self.trainer.adapter, embeds, step_plan, sigmas, self.cfg, gen)
+        t = self.trainer  # stored log-probs from the re-scoring's backend: first ratio 1
+        ro = sample_rollout(t.adapter, embeds, step_plan, sigmas, self.cfg, gen,
+                            backend=t.kernel_backend)  # fmt: skip
         return ro, {"rollout/first_trained_step": float(step_plan.trained[0])}
 
     def cat(self, parts: list[Rollout]) -> Rollout:

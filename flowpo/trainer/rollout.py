@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from flowpo.config import Config
-from flowpo.sde import ode_step, sde_step_with_logprob, shift_sigmas
+from flowpo.sde import SDEStep, ode_step, sde_step_with_logprob, shift_sigmas
 from flowpo.trainer.plans import (  # noqa: F401  (re-exported: the registry lives in plans.py)
     PLAN_REGISTRY,
     FullPlan,
@@ -130,6 +130,21 @@ def shared_anchor_forward(adapter, anchor_ids: Tensor):
             adapter.velocity = prev
 
 
+def _stored_step(step: SDEStep, x: Tensor, v: Tensor, sig, sig_next, a, kw, backend, means):
+    """The drawn step as it is stored for training. With the triton backend its log-prob (and
+    mean) are recomputed from the drawn x' by the fused kernel that re-scores it in training
+    (`update.score_step`), so the first ratio is exactly 1 there too rather than 1 to float32
+    rounding (flowpo.sde and the kernel round differently). x' itself, and so the trajectory,
+    is the same for both backends."""
+    if backend != "triton":
+        return step
+    from flowpo.kernels import fused_sde_step
+
+    # float32 x as stored in the Rollout and as re-scoring reads it
+    return fused_sde_step(x.float(), v, sig, sig_next, a, prev_sample=step.prev_sample,
+                          mean_out=means, **kw)  # fmt: skip
+
+
 def _step_kwargs(cfg: Config, sigmas: Tensor) -> dict:
     s = cfg.sampling
     return dict(
@@ -189,18 +204,24 @@ def sample_rollout(
     latents: Tensor | None = None,
     *,
     store_means: bool | None = None,
+    backend: str | None = None,
 ) -> Rollout:
     """Run one batch of B trajectories under `plan`; store the trained transitions.
 
     sigmas: (T+1,) schedule. embeds: B rows; for plans that share a prefix or an anchor, the
     G rows of a prompt are adjacent (G = rollout.group_size). latents: initial noise (one row
     per trajectory that starts from noise: B, or B / G when shared). store_means: keep the
-    SDE means (GRPO-Guard's mu_old); default train.ratio_norm. The log-probs stored here are
-    recomputed at training with the same function, latents, sigmas and batch, so the first
-    ratio is exactly 1.
+    SDE means (GRPO-Guard's mu_old); default train.ratio_norm. backend: "torch" | "triton",
+    that of the re-scoring (the trainer's); None resolves train.kernels for the adapter's
+    device, as `update.rescore` does. The log-probs (and means) stored here are recomputed at
+    training with the same function, latents, sigmas and batch, so the first ratio is exactly 1.
     """
     if store_means is None:
         store_means = cfg.train.ratio_norm
+    if backend is None:
+        from flowpo.kernels import resolve_backend
+
+        backend = resolve_backend(cfg.train.kernels, adapter.device)
     if len(sigmas) - 1 != plan.num_steps:
         raise ValueError(f"plan has {plan.num_steps} steps, the schedule {len(sigmas) - 1}")
     if plan.branch_each or plan.branch_step is not None:
@@ -208,10 +229,10 @@ def sample_rollout(
         if len(embeds) % g:
             raise ValueError(f"batch ({len(embeds)}) must hold whole groups of G = {g}")
     fn = _sample_anchored if plan.branch_each else _sample_trajectories
-    return fn(adapter, embeds, plan, sigmas, cfg, generator, latents, store_means)
+    return fn(adapter, embeds, plan, sigmas, cfg, generator, latents, store_means, backend)
 
 
-def _sample_trajectories(adapter, embeds, plan, sigmas, cfg, gen, latents, store_means):
+def _sample_trajectories(adapter, embeds, plan, sigmas, cfg, gen, latents, store_means, backend):
     """full / window / branch: walk the steps; with branch_step, the prefix runs on one row per
     prompt and forks into G rows at that step (its forward, too, runs once per prompt)."""
     n, g = len(embeds), cfg.rollout.group_size
@@ -235,7 +256,8 @@ def _sample_trajectories(adapter, embeds, plan, sigmas, cfg, gen, latents, store
         a = plan.noise_level[k]
         step = sde_step_with_logprob(x, v, sig, sig_next, a, generator=gen, **kw)
         if k in trained:
-            store.add(x, step, sig, sig_next, a, anchors)
+            stored = _stored_step(step, x, v, sig, sig_next, a, kw, backend, store_means)
+            store.add(x, stored, sig, sig_next, a, anchors)
         x = step.prev_sample
     return store.rollout(x.unsqueeze(1))
 
@@ -248,7 +270,7 @@ def _ode_to_end(adapter, x: Tensor, sigmas: Tensor, start: int, embeds) -> Tenso
     return x
 
 
-def _sample_anchored(adapter, embeds, plan, sigmas, cfg, gen, latents, store_means):
+def _sample_anchored(adapter, embeds, plan, sigmas, cfg, gen, latents, store_means, backend):
     """entropy (E-GRPO): one ODE anchor per prompt; at every SDE transition k -> k + l, its G
     branches take that one step from the anchor latent (with the anchor's velocity) and
     continue by ODE to the end: one image per (sample, transition)."""
@@ -266,7 +288,8 @@ def _sample_anchored(adapter, embeds, plan, sigmas, cfg, gen, latents, store_mea
             xr, vr = x.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
             sig, sig_next = sigmas[k].expand(n), sigmas[k_next].expand(n)
             step = sde_step_with_logprob(xr, vr, sig, sig_next, a, generator=gen, **kw)
-            store.add(xr, step, sig, sig_next, a, anchors)
+            stored = _stored_step(step, xr, vr, sig, sig_next, a, kw, backend, store_means)
+            store.add(xr, stored, sig, sig_next, a, anchors)
             finals.append(_ode_to_end(adapter, step.prev_sample, sigmas, k_next, embeds))
         x = ode_step(x, v, sigmas[k].expand(p), sigmas[k + 1].expand(p))
     return store.rollout(torch.stack(finals, 1))
