@@ -447,7 +447,7 @@ def test_serve_reward_cli_rejects_unknown_reward_and_bad_options(capsys):
     assert main(["serve-reward", "--reward", "jpeg_compressibility", "--option", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["serve-reward", "--reward", "imagereward"]) == 2
-    assert "not supported" in capsys.readouterr().err
+    assert "needs ['checkpoint', 'tokenizer_dir']" in capsys.readouterr().err
 
 
 # -- failure policy in the trainer -------------------------------------------------------------

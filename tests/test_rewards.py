@@ -217,11 +217,13 @@ def test_geneval_plumbing_with_tiny_mask2former(clip_dir, tmp_path):
         fn(x[:1], ["a unicorn"], [{"include": [{"class": "unicorn", "count": 1}]}])
 
 
-def test_imagereward_is_clearly_unsupported():
-    with pytest.raises(ValueError, match="not supported"):
-        build_reward("imagereward", model_dir="/nowhere")
-    with pytest.raises(ConfigError, match="not supported"):
+def test_published_rewards_without_their_files_stop_at_preflight():
+    """hpsv2 / imagereward (tests/test_rewards_published.py) need local checkpoint files: the
+    options are checked before training and name what to set."""
+    with pytest.raises(ConfigError, match=r"imagereward.*needs \['checkpoint', 'tokenizer_dir'\]"):
         preflight(load_config(None, ["--reward.weights=imagereward:1"]))
+    with pytest.raises(ValueError, match=r"reward\.options\.hpsv2\.checkpoint: no checkpoint"):
+        build_reward("hpsv2", checkpoint="/nowhere/HPS_v2.1_compressed.pt", device="cpu")
 
 
 def test_every_builtin_reward_name_resolves_to_its_factory():

@@ -33,6 +33,7 @@ REWARD_REGISTRY: dict[str, Callable[..., RewardFn] | str] = {
     "aesthetic": "flowpo.rewards.aesthetic:aesthetic",
     "clipscore": "flowpo.rewards.clip_rewards:clipscore",
     "geneval": "flowpo.rewards.geneval:geneval",
+    "hpsv2": "flowpo.rewards.hpsv2:hpsv2",
     "imagereward": "flowpo.rewards.imagereward:imagereward",
     "jpeg_compressibility": "flowpo.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "flowpo.rewards.jpeg:jpeg_incompressibility",
