@@ -3,12 +3,17 @@ from setuptools import find_packages, setup
 # Reward models and the reward service (the tests exercise all of them, so dev includes them).
 # rapidocr 3.x bundles its OCR models in the wheel (offline); never add rapidocr-onnxruntime
 # beside it: the two install conflicting opencv builds. scipy: transformers' Mask2Former.
+# ftfy: open_clip's text cleaning for the hpsv2 tokenizer. open-clip-torch itself (its bundled
+# BPE vocabulary) is installed by scripts/setup.sh with --no-deps: it requires torchvision, whose
+# PyPI wheels are CUDA builds that break transformers' image processors on a CPU torch
+# (docs/environment.md); on a GPU machine `pip install open-clip-torch` works as usual.
 REWARDS = [
     "starlette>=0.40",
     "uvicorn>=0.30",
     "rapidocr>=3.0,<4",
     "onnxruntime>=1.18",
     "scipy>=1.11",
+    "ftfy>=6.1",
 ]
 
 setup(

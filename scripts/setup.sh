@@ -17,6 +17,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   else
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   fi
+  # hpsv2's tokenizer reads open_clip's bundled BPE vocabulary; --no-deps: open_clip requires
+  # torchvision, and PyPI's torchvision (a CUDA build) breaks transformers on a CPU torch
+  .venv/bin/python -m pip install -q --no-deps -c constraints.txt open-clip-torch
   echo "$want" > "$stamp"
 fi
 # DeepSpeed compiles its CPU shared-memory comm op on first use (30-70 s) under a lock file in
