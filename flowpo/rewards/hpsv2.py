@@ -3,10 +3,10 @@
 HPS-v2 is open_clip's ViT-H-14 CLIP fine-tuned on human preferences; its score is the cosine
 of the L2-normalised image and text embeddings (the HPSv2 code's `hpsv2.score` returns
 `image_features @ text_features.T` of normalised features, about 0.2-0.4; its benchmark tables
-print the mean x 100). The RL papers that train on it (DanceGRPO, E-GRPO) use that cosine as the
-reward, so `scale` defaults to 1; `scale: 100` gives the benchmark tables' units.
+print the mean x 100). `scale` defaults to 1, hpsv2.score's scale; `scale: 100` gives the
+benchmark tables' units.
 
-How it is built here (docs/rewards.md, "hpsv2"):
+How it is built here (docs/rewards.md, "HPS-v2 and ImageReward"):
 - Architecture: open_clip's `ViT-H-14` model config (embed 1024; vision width 1280, 32 layers,
   head width 80, patch 14, 224 px; text width 1024, 24 layers, 16 heads, 77 tokens, vocab
   49408, exact GELU, LayerNorm eps 1e-5), run as transformers' `CLIPModel`, the same network
