@@ -9,8 +9,10 @@ Parts (docs/gpu.md):
 - bench_kernels:   benchmarks/bench_kernels.py, achieved GB/s beside a device copy and the spec
                    sheet's peak (GPU);
 - epoch_torch:     one tiny-SD3 epoch with kernels=torch: first ratio 1 (|dev| <= 1e-6; CPU too);
-- epoch_triton, epoch_bf16, epoch_flash, epoch_compile: the same with kernels=triton, bf16,
-                   model.attn_backend=flash (bf16), engine.compile (GPU);
+- epoch_triton, epoch_bf16, epoch_flash, epoch_compile: the same with kernels=triton (with
+                   GRPO-Guard: the rollout's log-prob kernel and the Guard loss kernel, forward
+                   and backward, in training), bf16, model.attn_backend=flash (bf16),
+                   engine.compile (GPU);
 - fp16:            tiny SD3 in float16: velocities vs float32, a finite ODE sample (fp16
                    training is refused by design: no loss scaling) (GPU);
 - flash_vs_sdpa:   velocities of tiny SD3, FLUX and Bagel with flash-attn vs torch SDPA (GPU);
@@ -63,6 +65,8 @@ EPOCH_ARGS = [
     "--logging.progress=false",
 ]
 BF16 = ["--model.dtype=bfloat16", "--engine.precision=bf16"]
+# GRPO-Guard: with kernels=triton its loss runs in the fused guard_clipped_loss kernel
+GUARD = ["--train.ratio_norm=true", "--train.gradient_reweight=true"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -327,7 +331,7 @@ def plan() -> list[tuple[str, Callable[[float], tuple[str, dict]], str | None, f
         ("epoch_torch", lambda t: epoch("epoch_torch", ["--train.kernels=torch"], t), None, 150),
         (
             "epoch_triton",
-            lambda t: epoch("epoch_triton", ["--train.kernels=triton"], t),
+            lambda t: epoch("epoch_triton", ["--train.kernels=triton", *GUARD], t),
             no_gpu,
             60,
         ),
