@@ -37,7 +37,7 @@ def load_clip(model_dir: str, processor_dir: str = "", device: str = "", dtype: 
     return model, processor
 
 
-def _features(out: Any) -> torch.Tensor:
+def features_tensor(out: Any) -> torch.Tensor:
     # transformers 5 returns a model output from get_*_features; 4.x returned the tensor
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -51,8 +51,8 @@ def clip_cosine(model, processor, images: torch.Tensor, prompts: list[str]) -> t
     txt = processor(
         text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt"
     )
-    img_emb = _features(model.get_image_features(pixel_values=pix.to(dev, dtype)))
-    txt_emb = _features(
+    img_emb = features_tensor(model.get_image_features(pixel_values=pix.to(dev, dtype)))
+    txt_emb = features_tensor(
         model.get_text_features(
             input_ids=txt["input_ids"].to(dev), attention_mask=txt["attention_mask"].to(dev)
         )

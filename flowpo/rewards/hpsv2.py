@@ -289,7 +289,7 @@ def hpsv2(
     device: str = "",
     dtype: str = "float32",
 ):
-    from flowpo.rewards.clip_rewards import DTYPES, _features, default_device
+    from flowpo.rewards.clip_rewards import DTYPES, default_device, features_tensor
 
     if dtype not in DTYPES:
         raise ValueError(f"reward.options.hpsv2.dtype '{dtype}': choose one of {sorted(DTYPES)}")
@@ -305,8 +305,8 @@ def hpsv2(
         ids = tokenize(tokenizer, list(prompts), ctx).to(dev)
         # no attention mask: open_clip's text tower is causal only, and the pooled <eot>
         # token sees nothing after it
-        img = _features(model.get_image_features(pixel_values=pix))
-        txt = _features(model.get_text_features(input_ids=ids))
+        img = features_tensor(model.get_image_features(pixel_values=pix))
+        txt = features_tensor(model.get_text_features(input_ids=ids))
         img = torch.nn.functional.normalize(img.float(), dim=-1)
         txt = torch.nn.functional.normalize(txt.float(), dim=-1)
         cos = (img * txt).sum(-1).cpu()
