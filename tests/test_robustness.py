@@ -303,6 +303,22 @@ def test_a_lock_that_turns_stale_during_the_wait_is_caught_by_the_watcher(tmp_pa
         with guard_extension_locks([lock], poll_s=0.1):
             FileBaton(str(lock)).wait()  # would sleep forever
     assert time.monotonic() - t0 < 10
+    # a SIGINT handler that only records the signal (as the trainer's does) neither swallows
+    # the watcher's interrupt nor is lost: the wait runs under Python's own handler
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        stale = _plant_lock(tmp_path / "c", age_s=0)
+        with pytest.raises(StaleExtensionLock):
+            with guard_extension_locks([stale], poll_s=0.1):
+                deadline = time.monotonic() + 20  # FileBaton's wait, bounded: fail, not hang
+                while stale.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler and not seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # a lock that goes away ends the wait normally, and the watcher stays quiet
     young = _plant_lock(tmp_path / "b", age_s=0)
     monkeypatch.setenv("FLOWPO_STALE_LOCK_S", "60")

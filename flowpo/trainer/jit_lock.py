@@ -17,6 +17,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -124,6 +125,12 @@ def guard_extension_locks(paths: list[Path], poll_s: float = 1.0):
                             _thread.interrupt_main()
                     return
 
+    # interrupt_main runs the SIGINT handler: Python's own raises KeyboardInterrupt, but one
+    # installed by other code (an embedding program, a trainer that ran in this process) may
+    # only set a flag, and the wait would go on; the block runs under Python's own handler
+    swapped, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        previous, swapped = signal.signal(signal.SIGINT, signal.default_int_handler), True
     watcher = threading.Thread(target=watch, name="flowpo-lock-watch", daemon=True)
     watcher.start()
     try:
@@ -136,3 +143,5 @@ def guard_extension_locks(paths: list[Path], poll_s: float = 1.0):
         with guard:
             done.set()
         watcher.join()
+        if swapped and previous is not None:  # None: set outside Python, not restorable
+            signal.signal(signal.SIGINT, previous)
