@@ -35,7 +35,7 @@ class ModelConfig:
     tiny random model inside the run directory (CPU demos and tests)."""
     dtype: str = "float32"
     """Dtype the transformer runs in: float32 | bfloat16 | float16. Step math is always fp32.
-    Training: bfloat16 goes with engine.precision=bf16; float16 is for flowpo eval only."""
+    Training: bfloat16 goes with engine.precision=bf16, float16 with engine.precision=fp16."""
     resolution: int = 0
     """Image side in pixels; 0 = the model's default sample size."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +239,21 @@ class EngineConfig:
     ds_config: str = ""
     """Custom DeepSpeed JSON template; empty = ds_configs/zero{stage}.json."""
     precision: str = "fp32"
-    """fp32 | bf16 (DeepSpeed mixed precision)."""
+    """fp32 | bf16 | fp16 (DeepSpeed mixed precision). fp16 is DeepSpeed's fp16 mode: the
+    transformer in float16 (model.dtype=float16), fp32 master weights in the optimizer, and
+    dynamic loss scaling (the fp16_* fields); steps whose scaled gradients overflow are skipped
+    and counted (train/overflow_steps). SD3 only: FLUX, Qwen-Image and Bagel train in bf16."""
+    fp16_initial_scale_power: int = 16
+    """fp16: the loss scale starts at 2**power (DeepSpeed's fp16.initial_scale_power)."""
+    fp16_loss_scale_window: int = 1000
+    """fp16: optimizer steps without an overflow before the loss scale doubles
+    (fp16.loss_scale_window)."""
+    fp16_hysteresis: int = 2
+    """fp16: overflows tolerated before the loss scale is halved (fp16.hysteresis, the delayed
+    shift; ZeRO-2/3 only: without ZeRO every overflow halves it)."""
+    fp16_min_loss_scale: int = 1
+    """fp16: the loss scale never goes below this (fp16.min_loss_scale); an overflow at this
+    scale is a non-finite gradient, counted toward train.max_nonfinite_steps."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the transformer blocks (recompute in backward)."""
     offload_optimizer: bool = False
@@ -326,7 +340,7 @@ _CHOICES = {
     ("forward", "awm_weighting"): ("uniform", "t", "t2", "huber", "ghuber"),
     ("train", "kernels"): ("auto", "triton", "torch"),
     ("engine", "zero_stage"): (0, 2, 3),
-    ("engine", "precision"): ("fp32", "bf16"),
+    ("engine", "precision"): ("fp32", "bf16", "fp16"),
     ("logging", "wandb"): ("auto", "offline", "online", "off"),
 }
 
@@ -459,20 +473,7 @@ class Config:
                 f"engine.shard_frozen needs engine.zero_stage=3 (got {e.zero_stage}); "
                 "set zero_stage=3 or shard_frozen=false"
             )
-        if training and self.model.dtype == "float16":
-            # fp16 training needs loss scaling (DeepSpeed's fp16 mode), which flowpo does not
-            # configure; DeepSpeed refuses to reduce fp16 gradients without it
-            raise ConfigError(
-                "model.dtype=float16 cannot be trained (no loss scaling); use model.dtype=bfloat16 "
-                "with engine.precision=bf16, or float32 (float16 is fine for flowpo eval)"
-            )
-        if training and e.precision == "bf16" and self.model.dtype != "bfloat16":
-            # DeepSpeed's bf16 engine casts the trained module to bfloat16 while the adapter
-            # feeds it inputs in model.dtype: torch stops on the first layer with a dtype clash
-            raise ConfigError(
-                f"engine.precision=bf16 runs the transformer in bfloat16, but model.dtype is "
-                f"{self.model.dtype!r}; set model.dtype=bfloat16 (or engine.precision=fp32)"
-            )
+        self._validate_precision(training)
         if e.compile and e.zero_stage == 3:
             # measured: dynamo traces into ZeRO-3's gather/release hooks of every submodule and
             # hits its recompile limit (the blocks fall back to eager, after minutes of tracing)
@@ -500,6 +501,45 @@ class Config:
             raise ConfigError(f"train.ema_update_interval ({t.ema_update_interval}) must be >= 1")
         if s.shift < 0:
             raise ConfigError(f"sampling.shift ({s.shift}) must be >= 0 (0 = the model's own)")
+
+    def _validate_precision(self, training: bool) -> None:
+        """engine.precision against model.dtype, and the fp16 loss-scaler fields."""
+        e, dtype = self.engine, self.model.dtype
+        if not 0 <= e.fp16_initial_scale_power <= 64:
+            raise ConfigError(
+                f"engine.fp16_initial_scale_power ({e.fp16_initial_scale_power}) must be in "
+                "0..64 (the loss scale starts at 2**power; DeepSpeed's default is 16)"
+            )
+        for key, value in (
+            ("engine.fp16_loss_scale_window", e.fp16_loss_scale_window),
+            ("engine.fp16_hysteresis", e.fp16_hysteresis),
+            ("engine.fp16_min_loss_scale", e.fp16_min_loss_scale),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} ({value}) must be >= 1")
+        if e.fp16_min_loss_scale > 2**e.fp16_initial_scale_power:
+            raise ConfigError(
+                f"engine.fp16_min_loss_scale ({e.fp16_min_loss_scale}) must not exceed the "
+                f"initial loss scale 2**engine.fp16_initial_scale_power "
+                f"({2**e.fp16_initial_scale_power})"
+            )
+        if not training:
+            return
+        if dtype == "float16" and e.precision != "fp16":
+            # DeepSpeed reduces float16 gradients only in its fp16 mode (loss scaling)
+            raise ConfigError(
+                f"model.dtype=float16 trains only with engine.precision=fp16 (loss scaling), "
+                f"not {e.precision}; set engine.precision=fp16, or model.dtype=bfloat16 with "
+                "engine.precision=bf16"
+            )
+        # DeepSpeed's bf16/fp16 engines cast the trained module to their dtype while the adapter
+        # feeds it inputs in model.dtype: torch stops on the first layer with a dtype clash
+        for precision, want in (("bf16", "bfloat16"), ("fp16", "float16")):
+            if e.precision == precision and dtype != want:
+                raise ConfigError(
+                    f"engine.precision={precision} runs the transformer in {want}, but "
+                    f"model.dtype is {dtype!r}; set model.dtype={want} (or engine.precision=fp32)"
+                )
 
 
 def check_finite(cfg: Config) -> None:

@@ -152,7 +152,23 @@ def _precision_finding(cfg: Config, device_type: str) -> Finding:
         return Finding("FAIL", f"{text}: this GPU has no bfloat16; use fp32 / float32")
     if wants_bf16 and device_type == "cpu":
         return Finding("note", f"{text} (bfloat16 on CPU runs, slowly)")
+    if cfg.engine.precision == "fp16" and device_type == "cpu" and not _cpu_fp16():
+        return Finding(
+            "FAIL",
+            f"{text}: DeepSpeed's CPU accelerator refuses fp16 on this CPU (it needs AVX512-FP16 "
+            "or AMX-FP16); use engine.precision=bf16 or fp32 here, fp16 on a GPU",
+        )
     return Finding("ok", text)
+
+
+def _cpu_fp16() -> bool:
+    """What DeepSpeed's CPU accelerator asks before it allows fp16 (is_fp16_supported)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # an older torch without the op: DeepSpeed then refuses fp16 too
+        return False
 
 
 def blockers(cfg: Config, world_size: int = 1, service_wait_s: float = 3.0) -> list[Finding]:

@@ -113,13 +113,14 @@ def test_bf16_precision_needs_bf16_model_dtype():
     load_config(None, ["--engine.precision=bf16", "--model.dtype=bfloat16"]).validate()
 
 
-def test_float16_is_not_trained():
+def test_float16_is_trained_only_with_fp16_loss_scaling():
     cfg = load_config(None, ["--model.dtype=float16"])
     with pytest.raises(
-        ConfigError, match=r"model.dtype=float16 cannot be trained .* model.dtype=bfloat16"
+        ConfigError, match=r"model.dtype=float16 trains only with engine.precision=fp16 .* not fp32"
     ):
         cfg.validate()
     cfg.validate(training=False)  # evaluation and sampling may run in float16
+    load_config(None, ["--model.dtype=float16", "--engine.precision=fp16"]).validate()
 
 
 def test_prompt_files_are_read_at_preflight(tmp_path):

@@ -162,6 +162,10 @@ class ModelAdapter(abc.ABC):
     # the sampling batches themselves (train.micro_batch_size = rollout.batch_size) for the
     # first ratio to be exactly 1, and the GRPO config check refuses anything else
     batch_invariant: bool = True
+    # engine.precision=fp16 (float16 transformer, loss scaling): False where the family is not
+    # run in float16 at all, as Flow-GRPO advises "bf16 for models like FLUX that do not support
+    # fp16 inference"; the preflight refuses fp16 training for them (docs/gpu.md, fp16)
+    fp16_training: bool = True
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ class FluxAdapter(ModelAdapter):
     """FLUX.1 (`FluxPipeline`): packed latents, distilled guidance, dynamic shift."""
 
     pipeline_classes = ("FluxPipeline",)
+    fp16_training = False  # not run in float16: trains in bf16 (ModelAdapter.fp16_training)
     # the SD3 set on both streams of the double blocks (single blocks' attention matches
     # `attn.to_q/k/v` too), plus the feed-forwards and the single blocks' MLP input
     lora_targets = [

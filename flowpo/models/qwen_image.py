@@ -66,6 +66,7 @@ class QwenImageAdapter(ModelAdapter):
     """Qwen-Image (`QwenImagePipeline`): packed latents, true CFG with norm rescale."""
 
     pipeline_classes = ("QwenImagePipeline",)
+    fp16_training = False  # not run in float16: trains in bf16 (ModelAdapter.fp16_training)
     # Flow-GRPO's Qwen-Image LoRA targets (scripts/train_qwenimage.py): joint attention
     # projections of both streams and both streams' MLPs
     lora_targets = [

@@ -132,6 +132,17 @@ def build_ds_config(cfg: Config, world_size: int, grad_accum: int) -> dict[str, 
     bf16["enabled"] = cfg.engine.precision == "bf16"
     # skip steps with non-finite gradients (DeepSpeed's default today; the trainer relies on it)
     bf16.setdefault("check_grad_overflow", True)
+    e = cfg.engine
+    fp16 = ds.setdefault("fp16", {})
+    fp16["enabled"] = e.precision == "fp16"
+    if fp16["enabled"]:  # dynamic loss scaling (loss_scale 0) with the engine.fp16_* fields
+        fp16.update(
+            loss_scale=0,
+            initial_scale_power=e.fp16_initial_scale_power,
+            loss_scale_window=e.fp16_loss_scale_window,
+            hysteresis=e.fp16_hysteresis,
+            min_loss_scale=e.fp16_min_loss_scale,
+        )
     ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
     zero = ds["zero_optimization"]
     if cfg.engine.offload_optimizer:
@@ -161,6 +172,7 @@ def reference_ds_config(policy_ds: dict[str, Any], world_size: int) -> dict[str,
         "train_batch_size": mb * world_size,
         "zero_optimization": zero,
         "bf16": dict(policy_ds.get("bf16", {"enabled": False})),
+        "fp16": {"enabled": bool(policy_ds.get("fp16", {}).get("enabled", False))},
         "steps_per_print": policy_ds.get("steps_per_print", 10**9),
     }
 
@@ -185,6 +197,51 @@ def shard_frozen_modules(cfg: Config, modules: dict[str, nn.Module], world_size:
         if torch.distributed.get_rank() == 0:
             print(f"ZeRO-3 sharded {name}: {held:,} of {total:,} parameters on rank 0", flush=True)
     return engines
+
+
+def check_fp16_supported() -> None:
+    """Stop with one line where DeepSpeed's accelerator refuses fp16 ("Type fp16 is not supported
+    on your device"): its CPU accelerator reports fp16 only where
+    torch.ops.mkldnn._is_mkldnn_fp16_supported() is true (a CPU with AVX512-FP16 or AMX-FP16);
+    docs/environment.md."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        raise ConfigError(
+            f"engine.precision=fp16: DeepSpeed's {acc.device_name()} accelerator reports no fp16 "
+            "support on this machine (on CPU it needs AVX512-FP16 or AMX-FP16); train with "
+            "engine.precision=bf16 or fp32 here, fp16 on a GPU"
+        )
+
+
+def _setup_fp16(ds) -> bool:
+    """After deepspeed.initialize in fp16 mode (deepspeed 0.19.8, each measured):
+    - the ZeRO loss scaler floors at min_loss_scale instead of raising; the engine turns an
+      overflow at the floor into a non-finite gradient (train.max_nonfinite_steps);
+    - without ZeRO, FP16_UnfusedOptimizer's constructor runs one optimizer step on zero
+      gradients to create the state: AdamW counts it (the first real update came out 0.74x as
+      large, Adam's bias correction of step 2) and applies weight decay to the fp32 masters.
+      Undone: the state is dropped (AdamW re-creates it) and the masters are copied back from
+      the float16 weights they were cloned from.
+    Returns whether the engine must scale the loss itself: without ZeRO, DeepSpeed's
+    engine.backward never multiplies the loss by the scale while FP16_UnfusedOptimizer still
+    divides the gradients by it (updates ~2**16 times too small, no overflow ever seen;
+    deepspeedai/DeepSpeed PR #8393)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    opt = ds.optimizer
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False
+    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+        opt.optimizer.state.clear()
+        with torch.no_grad():
+            for masters, weights in zip(opt.fp32_groups, opt.fp16_groups):
+                for master, weight in zip(masters, weights):
+                    master.copy_(weight)
+    own = not isinstance(opt, ZeROOptimizer)
+    return own and getattr(ds, "torch_autocast_z0_gradscaler", None) is None
 
 
 class Collectives:
@@ -327,9 +384,14 @@ class Engine(Collectives):
             eps=t.adam_eps,
         )
         self.ds_config = build_ds_config(cfg, world_size, grad_accum)
+        self.fp16 = cfg.engine.precision == "fp16"
+        if self.fp16:
+            check_fp16_supported()
         self.module, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config
         )
+        self.overflow_steps = 0  # fp16: steps the loss scaler skipped (since this process began)
+        self._prescale = self.fp16 and _setup_fp16(self.module)
         if not self.lora and ref is not None:
             if cfg.engine.zero_stage == 3:
                 self.ref_module, *_ = deepspeed.initialize(
@@ -355,11 +417,24 @@ class Engine(Collectives):
 
     # -- optimisation ---------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
+        if self._prescale:  # fp16 without ZeRO: the scaling DeepSpeed leaves out (_setup_fp16)
+            loss = loss.float() * self.loss_scale
         self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    @property
+    def loss_scale(self) -> float:
+        """fp16: the loss scaler's current scale; 1.0 otherwise."""
+        if not self.fp16:
+            return 1.0
+        opt = self.module.optimizer
+        if hasattr(opt, "loss_scale_config"):  # FP16_(Unfused)Optimizer, without ZeRO
+            return float(opt.loss_scale_config.cur_scale)
+        return float(opt.loss_scaler.cur_scale)  # the ZeRO optimizers
 
     def step(self, nonfinite: int = 0) -> int | None:
         """DeepSpeed's step: the optimizer steps only at the accumulation boundary. Returns None
-        between boundaries; at a boundary, 0 when the update was applied, else the code
+        between boundaries; at a boundary, 0 when the update was applied (or, under fp16, skipped
+        by the loss scaler for an overflow: `overflow_steps`, see `_step_fp16`), else the code
         (`flowpo.trainer.nonfinite`: 1 gradient norm, 2 loss, 3 log-probability) of the
         non-finite value that made every rank skip it. `nonfinite`: the worst code this rank saw
         since the last boundary (its backward carried NaN gradients, see
@@ -375,6 +450,8 @@ class Engine(Collectives):
         if not ds.is_gradient_accumulation_boundary():
             ds.step()
             return None
+        if self.fp16:
+            return self._step_fp16(nonfinite)
         own_check = not hasattr(ds.optimizer, "overflow")  # the bare torch optimizer
         if self.cfg.engine.zero_stage == 0 or own_check:
             # DeepSpeed reports no global norm without ZeRO; the full grads are local here
@@ -398,8 +475,6 @@ class Engine(Collectives):
             return code
         skipped = ds.skipped_steps
         ds.step()
-        # (an fp16 loss scaler's overflow skips would land here too; they are the scaler's
-        # normal work, not divergence, and would need their own count)
         overflow = ds.skipped_steps > skipped
         code = self.max_over_ranks(max(nonfinite, GRAD_NORM if overflow else 0))
         if code and not overflow:  # the NaN-carrying backward makes DeepSpeed skip, always
@@ -409,16 +484,40 @@ class Engine(Collectives):
             )
         return code
 
+    def _step_fp16(self, nonfinite: int) -> int:
+        """fp16 at a boundary: DeepSpeed's loss scaler checks the scaled gradients and skips the
+        step on an overflow (every rank: ZeRO agrees on it, and without ZeRO the gradients are
+        already averaged). An overflow with nothing non-finite seen and the scale above its
+        floor is the scaler's normal work: counted in `overflow_steps`, returns 0. A non-finite
+        loss or log-probability (`nonfinite`), or an overflow at the minimum scale (the
+        gradient itself is non-finite), returns its code as the other precisions do."""
+        ds = self.module
+        scale, skipped = self.loss_scale, ds.skipped_steps
+        ds.step()
+        overflow = ds.skipped_steps > skipped
+        if self._prescale:  # DeepSpeed's norm is of the scaled gradients here
+            self._local_norm = float(ds.optimizer._global_grad_norm) / scale
+        floor = overflow and scale <= self.cfg.engine.fp16_min_loss_scale
+        code = self.max_over_ranks(max(nonfinite, GRAD_NORM if floor else 0))
+        if code and not overflow:
+            raise RuntimeError(
+                "a non-finite value was seen before this optimizer step but DeepSpeed applied "
+                "it; the weights may hold NaN"
+            )
+        if overflow and not code:
+            self.overflow_steps += 1
+        return code
+
     @property
     def optimizer_steps(self) -> int:
         """Optimizer steps applied so far (DeepSpeed counts accumulation boundaries; the skipped
-        ones, non-finite gradients, are not updates)."""
+        ones, non-finite gradients or fp16 overflows, are not updates)."""
         return int(self.module.global_steps) - int(self.module.skipped_steps)
 
     def grad_norm(self) -> float:
         """Norm of the last accumulated gradient (before clipping; inf or NaN after a skipped
         step)."""
-        norm = self.module.get_global_grad_norm()
+        norm = None if self._prescale else self.module.get_global_grad_norm()
         if norm is None:
             norm = getattr(self, "_local_norm", None)
         return float(norm) if norm is not None else float("nan")

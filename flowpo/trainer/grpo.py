@@ -316,6 +316,7 @@ class GRPOTrainer:
         steps = progress(range(0, n, mb), desc=f"train {epoch}", enabled=self.show)
         self.algo.begin_update(data, epoch)
         self.guard.begin_epoch()
+        overflows = self.engine.overflow_steps
         for start in steps:
             idx = list(range(start, start + mb))
             sub, emb = ro.index(idx), data.embeds.index(idx)
@@ -338,6 +339,10 @@ class GRPOTrainer:
         out = self.engine.mean_over_ranks(out, maxed=("train/first_ratio_max_dev",))
         out["train/grad_norm"] = self.engine.grad_norm()
         out.update(self.guard.metrics())  # the same on every rank: skips are agreed
+        if self.engine.fp16:  # the loss scaler's skips: normal work, not counted as divergence
+            out["train/overflow_steps"] = float(self.engine.overflow_steps - overflows)
+            out["train/overflow_steps_total"] = float(self.engine.overflow_steps)
+            out["train/loss_scale"] = self.engine.loss_scale
         out["time/train_s"] = time.perf_counter() - t0
         out.update(data.metrics)
         return out
@@ -453,11 +458,18 @@ class GRPOTrainer:
             clipped = metrics["train/clipfrac_high"] + metrics["train/clipfrac_low"]
             clip = f" | clipfrac {clipped:.3f}"
         skipped = int(metrics.get("train/skipped_steps", 0))
+        overflows = int(metrics.get("train/overflow_steps", 0))
         print0(
             f"epoch {epoch:3d} | reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f}"
             f" | loss {metrics['train/loss']:+.2e}{clip}"
             f" | no-spread groups {zero:.0%} | {metrics['time/epoch_s']:.1f}s"
-            + (f" | {skipped} optimizer step(s) skipped: non-finite values" if skipped else ""),
+            + (f" | {skipped} optimizer step(s) skipped: non-finite values" if skipped else "")
+            + (
+                f" | {overflows} fp16 overflow step(s) skipped, loss scale "
+                f"{metrics['train/loss_scale']:g}"
+                if overflows
+                else ""
+            ),
             rank=self.rank,
         )
         # groups whose rewards are all equal have advantage 0: when (nearly) every group is

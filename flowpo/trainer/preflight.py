@@ -42,6 +42,8 @@ def preflight(cfg: Config, world_size: int = 1, training: bool = True) -> None:
         )
     if (problem := attention_problem(cfg)) is not None:
         raise ConfigError(problem)
+    if training and (problem := fp16_problem(cfg)) is not None:
+        raise ConfigError(problem)
     for name in cfg.reward.weights:
         if name not in known_rewards():
             raise ConfigError(
@@ -83,6 +85,25 @@ def model_family(cfg: Config) -> str | None:
         return detect_family(path) if Path(path).is_dir() else None
     except ModelLoadError:
         return None
+
+
+def fp16_problem(cfg: Config) -> str | None:
+    """Why engine.precision=fp16 cannot train the run's model family (one line), or None."""
+    if cfg.engine.precision != "fp16":
+        return None
+    from flowpo.models.base import adapter_class
+
+    family = model_family(cfg)
+    try:
+        if family is None or adapter_class(family).fp16_training:
+            return None
+    except KeyError:  # an unknown family: the loader names the problem
+        return None
+    return (
+        f"engine.precision=fp16: the {family} family does not run in float16 (Flow-GRPO: fp16 "
+        "where possible, bf16 for models that do not support fp16 inference); use "
+        "engine.precision=bf16 with model.dtype=bfloat16"
+    )
 
 
 def attention_problem(cfg: Config) -> str | None:

@@ -70,6 +70,7 @@ class BagelAdapter(ModelAdapter):
     layout_files = ("llm_config.json", "ema.safetensors", "ae.safetensors")
     lora_targets = BAGEL_LORA_TARGETS
     batch_invariant = False  # text trimmed to the batch's longest prompt (module docstring)
+    fp16_training = False  # not run in float16: trains in bf16 (ModelAdapter.fp16_training)
 
     def __init__(
         self,
