@@ -336,14 +336,16 @@ TINY_AESTHETIC = "<tiny_aesthetic>"
 class TwoRankGroup:
     """2-rank cases on one tiny model (`family`, its recipe): `cases` pairs a case name with
     its overrides (kind "update": dist_update.run_case) or with `flowpo` arguments (kind "train":
-    a whole run, given --model.path, --logging.run_dir and --logging.run_name=CASE); kind
-    "bench_memory" is bench_memory's per-rank measurement (no cases)."""
+    a whole run, given --model.path, --logging.run_dir and --logging.run_name=CASE; `poison`
+    (RANK, EPOCHS) makes GRPO's loss NaN on rank RANK alone in EPOCHS, dist_update.poisoned);
+    kind "bench_memory" is bench_memory's per-rank measurement (no cases)."""
 
     name: str
     family: str = "sd3"
     recipe: str = "tiny_sd3_jpeg"
     cases: tuple = ()  # (case name, overrides) pairs
     kind: str = "update"
+    poison: tuple = ()  # kind "train": (rank, (epochs...)), see dist_update.poisoned
 
 
 def two_rank_group(name: str, cases: dict | None = None, **fields) -> TwoRankGroup:
@@ -446,7 +448,10 @@ def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str)
                     args = [a.replace(TINY_AESTHETIC, str(aesthetic)) for a in args]
                 args += [f"--model.path={model}", f"--logging.run_name={case}"]
                 args.append(f"--logging.run_dir={out / 'runs' / group.name}")
-                cases.append({"name": f"{group.name}.{case}", "kind": "train", "args": args})
+                entry = {"name": f"{group.name}.{case}", "kind": "train", "args": args}
+                if group.poison:
+                    entry["poison"] = [group.poison[0], list(group.poison[1])]
+                cases.append(entry)
             continue
         for case, overrides in group.cases:
             overrides = [o.replace("<zero3_threshold0>", zero3) for o in overrides]

@@ -18,10 +18,11 @@ CASES.json is a list of cases, each {"name", "kind", ...}:
 - "update" ("model", "recipe", "overrides"): `run_case`; rank 0 writes OUT_DIR/NAME.pt.
 - "bench_memory": bench_memory's per-rank worker; every rank writes OUT_DIR/NAME.rank{R}.json
   (bench_memory.measure_one's rows, the file bench_memory's own worker writes).
-- "train" ("args"): `flowpo ARGS` (flowpo.cli.main, a whole training run) on every rank, in the
-  launch's process group, which stays open between cases (the trainer's closing
-  close_distributed is a barrier here); every rank writes its stdout, stderr and exit status to
-  OUT_DIR/NAME.rank{R}.{out,err,rc}.
+- "train" ("args", optional "poison": [RANK, EPOCHS]): `flowpo ARGS` (flowpo.cli.main, a whole
+  training run) on every rank, in the launch's process group, which stays open between cases
+  (the trainer's closing close_distributed is a barrier here); every rank writes its stdout,
+  stderr and exit status to OUT_DIR/NAME.rank{R}.{out,err,rc}. With "poison", GRPO's loss is
+  NaN on rank RANK alone in the epochs EPOCHS (`poisoned`; tests/test_robustness.py).
 
 Each rank prints `[dist_update] rank R: case NAME` before a case starts, so a crash names its
 case; a case that crashes or exits non-zero ends the launch (torchrun stops the other rank).
@@ -154,8 +155,35 @@ def bench_memory_rows(rank: int, world: int) -> list[dict]:
     ]
 
 
-def train_run(args: list[str], out: Path, rank: int) -> int:
-    """`flowpo ARGS` on this rank, its output written to OUT.rank{R}.{out,err,rc}."""
+def poisoned(rank_to_poison: int, epochs: list[int]):
+    """A context in which GRPO's loss is made NaN on ONE rank only (RANK_TO_POISON) in EPOCHS:
+    the other ranks see finite values, and the skip must still be agreed by all."""
+    import contextlib
+
+    from flowpo.trainer.algorithms import GRPO
+
+    real = GRPO.loss
+
+    def loss(self, sub, j, embeds, adv, *, epoch, start):
+        term = real(self, sub, j, embeds, adv, epoch=epoch, start=start)
+        if epoch in epochs and int(os.environ["RANK"]) == int(rank_to_poison):
+            term.loss = term.loss * torch.tensor(float("nan"))
+        return term
+
+    @contextlib.contextmanager
+    def patched():
+        GRPO.loss = loss
+        try:
+            yield
+        finally:
+            GRPO.loss = real
+
+    return patched()
+
+
+def train_run(args: list[str], out: Path, rank: int, poison: list | None = None) -> int:
+    """`flowpo ARGS` on this rank (GRPO's loss `poisoned(*POISON)` when given), its output
+    written to OUT.rank{R}.{out,err,rc}."""
     import contextlib
     import io
     import traceback
@@ -165,7 +193,11 @@ def train_run(args: list[str], out: Path, rank: int) -> int:
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 1
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            poisoned(*poison) if poison else contextlib.nullcontext(),
+        ):
             code = flowpo_main(args)
     except BaseException:
         stderr.write(traceback.format_exc())
@@ -206,7 +238,7 @@ def main() -> None:
             rows = bench_memory_rows(rank, world)
             (out / f"{name}.rank{rank}.json").write_text(json.dumps(rows))
         elif kind == "train":
-            code = train_run(case["args"], out / name, rank)
+            code = train_run(case["args"], out / name, rank, case.get("poison"))
             if code:  # the other rank may be waiting at a collective: end the launch
                 print(f"[dist_update] rank {rank}: case {name} exited {code}", flush=True)
                 sys.stdout.flush()

@@ -23,7 +23,7 @@ from flowpo.trainer.nonfinite import (
     TrainingDiverged,
     nonfinite_code,
 )
-from tests.conftest import NO_EVAL, flowpo_main, train_rows
+from tests.conftest import NO_EVAL, flowpo_main, train_rows, two_rank_group
 
 # -- the config --------------------------------------------------------------------------------
 
@@ -220,20 +220,28 @@ def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path, monke
     assert json.loads((run / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
 
 
+# the 2-rank run, in the session's one 2-rank launch: rank 1's loss is NaN in epoch 1
+NAN_ONE_RANK_TWO = two_rank_group(
+    "sd3_nan_one_rank",
+    kind="train",
+    cases={"r": [*RUN, "--train.epochs=3", "--engine.zero_stage=2"]},
+    poison=(1, (1,)),
+)
+
+
 @pytest.mark.slow
-def test_a_nan_on_one_rank_makes_every_rank_skip(tmp_path):
+@pytest.mark.two_rank(NAN_ONE_RANK_TWO)
+def test_a_nan_on_one_rank_makes_every_rank_skip(two_rank):
     """Rank 1 alone sees a NaN loss in epoch 1: both ranks skip that step together and the
     weights stay as they were. ZeRO-2, where the reduce-scatter carries the NaN gradients to the
     owner of their partition only, so the agreement is DeepSpeed's overflow all-reduce plus the
-    engine's (ZeRO-0, the engine's own check, measured the same way by hand: 60 s a launch)."""
-    from tests.conftest import ROOT, run_ok, torchrun_cmd
-
-    script = str(ROOT / "tests" / "nonfinite_rank.py")
-    args = [*RUN, f"--logging.run_dir={tmp_path}", "--logging.run_name=r", "--train.epochs=3"]
-    run_ok(torchrun_cmd(2, script, "1", "1", *args, "--engine.zero_stage=2"), 600)
-    rows = train_rows(tmp_path / "r")
+    engine's (ZeRO-0, the engine's own check, measured the same way by hand: 60 s a launch).
+    The run is a case of the session's one 2-rank launch (dist_update.poisoned patches the
+    loss on rank 1 only)."""
+    run = two_rank.runs(NAN_ONE_RANK_TWO)["r"].run_dir  # exited 0 on both ranks
+    rows = train_rows(run)
     assert [r["train/skipped_steps"] for r in rows] == [0, 1, 0]
-    w0, w1, w2 = (_weights(tmp_path / "r", e) for e in range(3))
+    w0, w1, w2 = (_weights(run, e) for e in range(3))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert all(bool(torch.isfinite(v).all()) for v in w2.values())
