@@ -24,7 +24,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def base_eval(tmp_path_factory):
     out = tmp_path_factory.mktemp("base_eval")
-    proc = flowpo_main("eval", "--eval.seeds=0,1,2,3", "--out", str(out))
+    # CFG 3, as Flow-GRPO samples (configs/shapes.yaml); the default job's DiffusionNFT recipe
+    # evaluates CFG-free, where the base scores lower (docs/results.md)
+    proc = flowpo_main(
+        "eval", "-c", "configs/shapes.yaml", "--eval.seeds=0,1,2,3", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "eval.json").read_text())
 
