@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = RESULTS / "learning_prompts.jsonl"
 CSV = RESULTS / "learning_speed.csv"
-RECIPE = ROOT / "configs" / "shapes.yaml"
+DEFAULT_RECIPE = ROOT / "configs" / "shapes_nft.yaml"  # the default job (`flowpo train`)
 FIELDS = [
     "name",
     "epochs",
@@ -93,7 +93,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     _flowpo(
         "eval",
         "-c",
-        str(RECIPE),
+        str(args.recipe),
         "--model",
         args.model,
         "--out",
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     _flowpo(
         "train",
         "-c",
-        str(RECIPE),
+        str(args.recipe),
         f"--rollout.prompt_file={PROMPTS}",
         f"--eval.prompt_file={PROMPTS}",
         "--eval.num_prompts=0",
@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     row = {
         "name": args.name,
         "epochs": len(epochs),
-        "overrides": " ".join(args.overrides),
+        "overrides": " ".join([f"-c {Path(args.recipe).name}", *args.overrides]),
         # the benchmark's accuracy is over samples (all prompts pooled), not GenEval's tag mean
         "acc_before": round(_pooled(b), 4),
         "se_before": round(_se(_pooled(b), n), 4),
@@ -235,12 +235,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default=os.environ.get("FLOWPO_BENCH_WORK", "runs/bench_learning"))
     sub = p.add_subparsers(dest="cmd", required=True)
+    recipe_help = "recipe (default: the default job's, configs/shapes_nft.yaml)"
     s = sub.add_parser("select")
+    s.add_argument("--recipe", default=str(DEFAULT_RECIPE), help=recipe_help)
     s.add_argument("--model", default="shapes:base")
     s.add_argument("--seeds", type=int, default=16)
     s.add_argument("--low", type=float, default=0.15)
     s.add_argument("--high", type=float, default=0.7)
     r = sub.add_parser("run")
+    r.add_argument("--recipe", default=str(DEFAULT_RECIPE), help=recipe_help)
     r.add_argument("name")
     r.add_argument("--epochs", type=int, default=40)
     r.add_argument("--seeds", type=int, default=16)
