@@ -253,6 +253,44 @@ def euler_sample(adapter, x, embeds, steps: int):
 NO_EVAL = ["--eval.at_start=false", "--eval.at_end=false"]
 
 
+# A tiny SD3 run on the jpeg reward that checks training mechanics (steps, checkpoints every
+# epoch, skipped steps): 3 sampling steps, 4 images, no evaluations.
+TINY_CHECKPOINTED_RUN = [
+    "train",
+    "-c",
+    "configs/tiny_sd3_jpeg.yaml",
+    "--logging.wandb=off",
+    "--logging.progress=false",
+    "--sampling.num_steps=3",
+    "--rollout.batch_size=4",
+    "--rollout.num_batches=1",
+    "--checkpoint.every=1",
+    "--checkpoint.keep_last_n=0",
+    *NO_EVAL,
+]
+
+
+def poison_grpo_loss(monkeypatch, epochs: set[int], what: str) -> None:
+    """Make GRPO's per-transition loss non-finite in `epochs`: `loss` (the loss itself) or
+    `log_prob` (a NaN re-scored log-probability next to a finite loss)."""
+    import torch
+
+    from flowpo.trainer.algorithms import GRPO
+
+    real = GRPO.loss
+
+    def loss(self, sub, j, embeds, adv, *, epoch, start):
+        term = real(self, sub, j, embeds, adv, epoch=epoch, start=start)
+        if epoch in epochs:
+            if what == "loss":
+                term.loss = term.loss * float("inf") * 0.0  # NaN, still attached to the graph
+            else:
+                term.log_probs = (torch.full_like(term.log_probs[0], float("nan")),)
+        return term
+
+    monkeypatch.setattr(GRPO, "loss", loss)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
     """One tiny model per (family, seed) for the whole session: `tiny:FAMILY` runs, in this

@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 from flowpo.config import ConfigError, load_config
 from flowpo.trainer.engine import build_ds_config
 from flowpo.trainer.preflight import preflight
-from tests.conftest import NO_EVAL, flowpo_main, train_rows
-from tests.test_robustness import _poison
+from tests.conftest import TINY_CHECKPOINTED_RUN, flowpo_main, poison_grpo_loss, train_rows
 
 FP16 = ["--model.dtype=float16", "--engine.precision=fp16"]
 
@@ -88,21 +87,7 @@ def test_sd3_real_size_recipes_train_in_fp16_as_flow_grpo_does():
 
 # -- training ------------------------------------------------------------------------------------
 
-RUN = [
-    "train",
-    "-c",
-    "configs/tiny_sd3_jpeg.yaml",
-    "--logging.wandb=off",
-    "--logging.progress=false",
-    "--sampling.num_steps=3",
-    "--rollout.batch_size=4",
-    "--rollout.num_batches=1",
-    "--checkpoint.every=1",
-    "--checkpoint.keep_last_n=0",
-    "--train.epochs=2",
-    *FP16,
-    *NO_EVAL,
-]
+RUN = [*TINY_CHECKPOINTED_RUN, "--train.epochs=2", *FP16]
 
 
 def _accelerator():
@@ -247,7 +232,7 @@ def test_an_overflow_at_the_minimum_scale_is_a_non_finite_gradient(tmp_path, fp1
 
 
 def test_a_nan_loss_under_fp16_is_a_skipped_step_not_an_overflow(tmp_path, fp16_cpu, monkeypatch):
-    _poison(monkeypatch, {1}, "loss")
+    poison_grpo_loss(monkeypatch, {1}, "loss")
     p = flowpo_main(
         *RUN, f"--logging.run_dir={tmp_path}", "--logging.run_name=r", "--engine.zero_stage=2"
     )

@@ -23,7 +23,13 @@ from flowpo.trainer.nonfinite import (
     TrainingDiverged,
     nonfinite_code,
 )
-from tests.conftest import NO_EVAL, flowpo_main, train_rows, two_rank_group
+from tests.conftest import (
+    TINY_CHECKPOINTED_RUN,
+    flowpo_main,
+    poison_grpo_loss,
+    train_rows,
+    two_rank_group,
+)
 
 # -- the config --------------------------------------------------------------------------------
 
@@ -127,38 +133,7 @@ def test_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 
 # -- training runs (DeepSpeed, one rank, in this process) -----------------------------------------
 
-RUN = [
-    "train",
-    "-c",
-    "configs/tiny_sd3_jpeg.yaml",
-    "--logging.wandb=off",
-    "--logging.progress=false",
-    "--sampling.num_steps=3",
-    "--rollout.batch_size=4",
-    "--rollout.num_batches=1",
-    "--checkpoint.every=1",
-    "--checkpoint.keep_last_n=0",
-    *NO_EVAL,
-]
-
-
-def _poison(monkeypatch, epochs: set[int], what: str) -> None:
-    """Make GRPO's per-transition loss non-finite in `epochs`: `loss` (the loss itself) or
-    `log_prob` (a NaN re-scored log-probability next to a finite loss)."""
-    from flowpo.trainer.algorithms import GRPO
-
-    real = GRPO.loss
-
-    def loss(self, sub, j, embeds, adv, *, epoch, start):
-        term = real(self, sub, j, embeds, adv, epoch=epoch, start=start)
-        if epoch in epochs:
-            if what == "loss":
-                term.loss = term.loss * float("inf") * 0.0  # NaN, still attached to the graph
-            else:
-                term.log_probs = (torch.full_like(term.log_probs[0], float("nan")),)
-        return term
-
-    monkeypatch.setattr(GRPO, "loss", loss)
+RUN = TINY_CHECKPOINTED_RUN
 
 
 def _weights(run: Path, epoch: int) -> dict[str, torch.Tensor]:
@@ -172,7 +147,7 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(
 ):
     """ZeRO-0 fp32 is the engine's own check (DeepSpeed would apply the NaN there); ZeRO-2/3 and
     bf16 are DeepSpeed's overflow skip, which the engine reads and agrees on."""
-    _poison(monkeypatch, {1}, "log_prob" if stage == 0 else "loss")
+    poison_grpo_loss(monkeypatch, {1}, "log_prob" if stage == 0 else "loss")
     dtype = ["--model.dtype=bfloat16"] if precision == "bf16" else []
     p = flowpo_main(
         *RUN,
@@ -196,7 +171,7 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(
 
 @pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path, monkeypatch):
-    _poison(monkeypatch, {1, 2, 3}, "loss")
+    poison_grpo_loss(monkeypatch, {1, 2, 3}, "loss")
     p = flowpo_main(
         *RUN,
         f"--logging.run_dir={tmp_path}",
