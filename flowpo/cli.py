@@ -2,7 +2,7 @@
 
     flowpo train [-c configs/RECIPE.yaml] [--section.field=value ...] [--resume DIR|latest]
     flowpo sample --model DIR [--checkpoint CKPT] --prompt "..." [--num 4] [--out grid.png]
-    flowpo eval [--model DIR] [--checkpoint CKPT] [--section.field=value ...]
+    flowpo eval [--model DIR] [--checkpoint CKPT [--ema]] [--section.field=value ...]
     flowpo pretrain-shapes OUT_DIR [--steps N] | --resume OUT_DIR
     flowpo make-tiny {sd3,flux,qwen-image,bagel} OUT_DIR
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="local diffusers model directory")
     s.add_argument("--family", default="auto", help="sd3 | flux | auto (default)")
     s.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
+    s.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's EMA weights (train.ema runs: what their own evaluations use)",
+    )
     s.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     s.add_argument("--num", type=int, default=4, help="images per prompt (seeds 0..num-1)")
     s.add_argument("--steps", type=int, default=10, help="ODE steps")
@@ -80,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", default=None, help="model directory (default: the recipe's)")
     e.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
+    e.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's EMA weights (train.ema runs: what their own evaluations use)",
+    )
     e.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/)")
     e.add_argument("--out", default="eval_out", help="folder for grid PNG and results JSON")
     e.add_argument(
@@ -276,10 +286,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from flowpo.trainer.rollout import sample_ode
     from flowpo.trainer.tracking import save_grid
 
+    if args.ema and not args.checkpoint:
+        raise ConfigError("--ema reads a checkpoint's EMA weights: give --checkpoint too")
     adapter = load_adapter(args.family, args.model, guidance_scale=args.guidance_scale)
     adapter.freeze_frozen_parts()
     if args.checkpoint:
-        load_trainable(adapter, Path(args.checkpoint))
+        load_trainable(adapter, Path(args.checkpoint), ema=args.ema)
     images = []
     for prompt in args.prompt:
         emb = adapter.encode_prompts([prompt] * args.num)
@@ -316,6 +328,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     from flowpo.trainer.preflight import preflight
 
+    if args.ema and not args.checkpoint:
+        raise ConfigError("--ema reads a checkpoint's EMA weights: give --checkpoint too")
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:
         cfg.model.path = args.model
@@ -334,7 +348,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if cfg.model.attn_backend != "native":  # preflight checked that it runs here
         adapter.set_attention_backend(cfg.model.attn_backend)
     if args.checkpoint:
-        load_trainable(adapter, Path(args.checkpoint))
+        load_trainable(adapter, Path(args.checkpoint), ema=args.ema)
     res = run_eval(
         adapter,
         WeightedReward(cfg.reward.weights, cfg.reward.options),
@@ -346,6 +360,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     payload = {
         "model": cfg.model.path,
         "checkpoint": args.checkpoint,
+        "ema": args.ema,
         **res.metrics(),
         "counts": res.counts,
         "num_samples": res.num_samples,

@@ -53,11 +53,14 @@ def test_shapes_job_and_eval(tmp_path):
     ):
         assert (run / name).is_file(), name
 
+    # `flowpo eval --ema` of the last checkpoint reproduces the job's own end evaluation (the
+    # recipe evaluates its EMA weights, train.ema); without --ema it scores the raw weights
     out = tmp_path / "eval"
     ev = flowpo_main(
         "eval",
         "--checkpoint",
         str(run / "checkpoints" / "checkpoint-1"),
+        "--ema",
         "--eval.num_prompts=6",
         "--eval.seeds=0,1",
         "--out",
@@ -65,8 +68,13 @@ def test_shapes_job_and_eval(tmp_path):
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
-    assert result["num_samples"] == 12 and 0.0 <= result["eval/acc/overall"] <= 1.0
+    assert result["num_samples"] == 12 and result["ema"] is True
+    end = evals[-1]
+    assert result["eval/acc/overall"] == pytest.approx(end["eval/acc/overall"], abs=1e-9)
+    assert result["eval/reward_mean"] == pytest.approx(end["eval/reward_mean"], abs=1e-5)
     assert "overall" in ev.stdout and (out / "samples.png").is_file()
+    no_ckpt = flowpo_main("eval", "--ema", "--out", str(tmp_path / "x"))
+    assert no_ckpt.returncode == 2 and "give --checkpoint too" in no_ckpt.stderr
 
 
 # Four training prompts where the committed base succeeds about half the time (16 CFG-free ODE

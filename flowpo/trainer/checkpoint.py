@@ -290,8 +290,10 @@ def resume(
 # -- trained weights onto a model -----------------------------------------------------------------
 
 
-def load_trainable(adapter, ckpt: Path) -> None:
-    """Apply a checkpoint's trainable weights (LoRA adapters or full state dict) to the adapter."""
+def load_trainable(adapter, ckpt: Path, *, ema: bool = False) -> None:
+    """Apply a checkpoint's trainable weights (LoRA adapters or full state dict) to the adapter;
+    `ema`: its EMA of them instead (trainable_ema.safetensors, written by train.ema runs, whose
+    own evaluations use it)."""
     from safetensors.torch import load_file
 
     if not (ckpt / TRAINER_STATE).is_file():
@@ -302,8 +304,13 @@ def load_trainable(adapter, ckpt: Path) -> None:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise FileNotFoundError(f"--checkpoint '{ckpt}' is incomplete: {problem}")
+    name = TRAINABLE_EMA if ema else TRAINABLE
+    if not (ckpt / name).is_file():
+        raise FileNotFoundError(
+            f"--checkpoint '{ckpt}' has no {name} (the run had train.ema=false); drop --ema"
+        )
     state = trainer_state(ckpt)
-    weights = load_file(str(ckpt / TRAINABLE))
+    weights = load_file(str(ckpt / name))
     module = adapter.trainable_module
     if state["lora"]:
         from peft import LoraConfig, set_peft_model_state_dict
