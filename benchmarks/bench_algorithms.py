@@ -8,6 +8,9 @@
     # CSV + PNG (mean over seeds with a band of +- 1 SE) and a summary table
     python benchmarks/bench_algorithms.py plot [--out benchmarks/results/algorithms]
 
+    # every run's last checkpoint (and the base) evaluated both with CFG 1 and with CFG 3
+    python benchmarks/bench_algorithms.py crosseval [--out benchmarks/results/algorithms]
+
 Every run is `flowpo train` with its recipe as committed plus a shared evaluation: the held-out
 prompts x 4 seeds (124 samples) at the start, every few epochs and at the end, without the
 training-prompt evaluation. Each recipe samples and evaluates as it trains: the Flow-GRPO
@@ -103,6 +106,61 @@ def cmd_plot(args: argparse.Namespace) -> None:
     plot([*runs, "--out", args.out, "--labels", ",".join(labels)])
 
 
+def cmd_crosseval(args: argparse.Namespace) -> None:
+    """Each finished run's last checkpoint evaluated at CFG 1 and at CFG 3 (held-out prompts x
+    8 seeds), the weights its own evaluations used (the EMA where the run kept one): the
+    Flow-GRPO recipes sample with CFG 3 and the forward-process ones without, so their own
+    curves start from different accuracies of the same base."""
+    import json
+
+    work = Path(args.work)
+    rows = []
+    for name in [*ALGORITHMS, *OPTIONAL]:
+        for seed in args.seeds:
+            run = work / f"{name}_seed{seed}"
+            if not (run / "summary.json").is_file():
+                continue
+            ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+            ema = ["--ema"] if (ckpt / "trainable_ema.safetensors").is_file() else []
+            for cfg_scale in (1.0, 3.0):
+                out = work / "crosseval" / f"{run.name}_cfg{cfg_scale:g}"
+                if not (out / "eval.json").is_file():
+                    cmd = [sys.executable, "-m", "flowpo.cli", "eval", "--checkpoint", str(ckpt)]
+                    cmd += [*ema, "--out", str(out), f"--sampling.guidance_scale={cfg_scale}"]
+                    cmd += ["--eval.seeds=0,1,2,3,4,5,6,7", "--eval.num_prompts=0"]
+                    print("+", " ".join(cmd), flush=True)
+                    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                res = json.loads((out / "eval.json").read_text())
+                rows.append((name, seed, cfg_scale, res["eval/acc/overall"], res["num_samples"]))
+    base = {}
+    for cfg_scale in (1.0, 3.0):
+        out = work / "crosseval" / f"base_cfg{cfg_scale:g}"
+        if not (out / "eval.json").is_file():
+            cmd = [sys.executable, "-m", "flowpo.cli", "eval", "--out", str(out)]
+            cmd += [f"--sampling.guidance_scale={cfg_scale}", "--eval.seeds=0,1,2,3,4,5,6,7"]
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        base[cfg_scale] = json.loads((out / "eval.json").read_text())["eval/acc/overall"]
+    path = Path(args.out + "_crosseval.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("algorithm,seed,guidance_scale,overall,samples\n")
+        for cfg_scale, acc in base.items():
+            f.write(f"base,,{cfg_scale},{acc:.4f},248\n")
+        for r in rows:
+            f.write(f"{r[0]},{r[1]},{r[2]},{r[3]:.4f},{r[4]}\n")
+    print(f"base: CFG 1 {base[1.0]:.3f}, CFG 3 {base[3.0]:.3f}")
+    print(f"{'algorithm':<14} {'CFG 1 (mean ± SE over seeds)':>30} {'CFG 3':>20}")
+    for name in dict.fromkeys(r[0] for r in rows):
+        cells = []
+        for cfg_scale in (1.0, 3.0):
+            v = [r[3] for r in rows if r[0] == name and r[2] == cfg_scale]
+            m = sum(v) / len(v)
+            se = (sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0
+            cells.append(f"{m:.3f} ± {se:.3f} (n={len(v)})")
+        print(f"{name:<14} {cells[0]:>30} {cells[1]:>20}")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default=os.environ.get("FLOWPO_BENCH_WORK", "runs/bench_algorithms"))
@@ -113,8 +171,10 @@ def main() -> None:
     r.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=[])
     q = sub.add_parser("plot")
     q.add_argument("--out", default="benchmarks/results/algorithms")
+    c = sub.add_parser("crosseval")
+    c.add_argument("--out", default="benchmarks/results/algorithms")
     args = p.parse_args()
-    {"run": cmd_run, "plot": cmd_plot}[args.cmd](args)
+    {"run": cmd_run, "plot": cmd_plot, "crosseval": cmd_crosseval}[args.cmd](args)
 
 
 if __name__ == "__main__":
