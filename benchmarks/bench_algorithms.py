@@ -45,6 +45,14 @@ ALGORITHMS: dict[str, list[str]] = {
     ],
     "grpo_full": ["-c", "configs/shapes.yaml", "--eval.every=10"],
 }
+# legend labels: each recipe's own evaluation samples as it trains (CFG 3 or CFG-free)
+LABELS = {
+    "nft": "DiffusionNFT (eval CFG 1)",
+    "awm": "AWM (eval CFG 1)",
+    "grpo_window": "Flow-GRPO-Fast window (eval CFG 3)",
+    "grpo_full": "Flow-GRPO full (eval CFG 3)",
+    "grpo_entropy": "E-GRPO entropy (eval CFG 3)",
+}
 OPTIONAL: dict[str, list[str]] = {
     "grpo_entropy": ["-c", "configs/shapes.yaml", "--rollout.plan=entropy", "--eval.every=10"],
 }
@@ -97,13 +105,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
             run = work / f"{name}_seed{seed}"
             if (run / "summary.json").is_file():
                 runs.append(str(run))
-                labels.append(name)
+                labels.append(LABELS[name])
     if not runs:
         sys.exit(f"no finished runs under {work}: run `bench_algorithms.py run` first")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from plot_shapes_runs import main as plot
 
-    plot([*runs, "--out", args.out, "--labels", ",".join(labels)])
+    plot([*runs, "--out", args.out, "--labels", ",".join(labels), "--gain"])
 
 
 def cmd_crosseval(args: argparse.Namespace) -> None:

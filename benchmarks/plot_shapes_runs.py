@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", default="benchmarks/results/shapes_long")
     ap.add_argument("--labels", default="", help="comma-separated legend labels, one per run")
+    ap.add_argument(
+        "--gain", action="store_true", help="a second panel: change from each run's start"
+    )
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [p.name for p in args.runs]
     if len(labels) != len(args.runs):
@@ -88,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-    print(f"{'run':<24} {'epoch':>5} {'minutes':>8} {'reward':>7} {'overall':>8}")
+    wr = max(24, *(len(r["run"]) for r in table))
+    print(f"{'run':<{wr}} {'epoch':>5} {'minutes':>8} {'reward':>7} {'overall':>8}")
     for r in table:
         print(
-            f"{r['run']:<24} {r['epoch']:>5} {r['wall_s'] / 60:>8.1f} "
+            f"{r['run']:<{wr}} {r['epoch']:>5} {r['wall_s'] / 60:>8.1f} "
             f"{r['eval_reward']:>7.3f} {r['overall']:>8.3f}"
         )
     import matplotlib
@@ -99,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if args.gain:  # left: accuracy as each run evaluates it; right: change from its start
+        fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.2))
+    else:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ax_gain = None
     summary = []
     for label in dict.fromkeys(labels):  # first-seen order
         runs = [r for r in dict.fromkeys(x["run_dir"] for x in table if x["run"] == label)]
@@ -116,6 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             lo = [m - e for m, e in zip(mean, se)]
             hi = [m + e for m, e in zip(mean, se)]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        if ax_gain is not None:
+            gains = [
+                [100 * (rows[i]["overall"] - rows[0]["overall"]) for rows in per_run]
+                for i in range(n_eval)
+            ]
+            g_mean = [sum(g) / len(g) for g in gains]
+            g_se = [_se(g) for g in gains]
+            ax_gain.plot(xs, g_mean, "o-", color=line.get_color(), label=label)
+            if len(per_run) > 1:
+                ax_gain.fill_between(
+                    xs,
+                    [m - e for m, e in zip(g_mean, g_se)],
+                    [m + e for m, e in zip(g_mean, g_se)],
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
         summary.append(
             {
                 "label": label,
@@ -132,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print(f"\n{'label':<20} {'runs':>4} {'start':>14} {'end':>14} {'change':>8} {'minutes':>8}")
+    w = max(20, *(len(r["label"]) for r in summary))
+    print(f"\n{'label':<{w}} {'runs':>4} {'start':>14} {'end':>14} {'change':>8} {'minutes':>8}")
     for r in summary:
         print(
-            f"{r['label']:<20} {r['runs']:>4} {r['start']:>7.3f} ± {r['start_se']:.3f} "
+            f"{r['label']:<{w}} {r['runs']:>4} {r['start']:>7.3f} ± {r['start_se']:.3f} "
             f"{r['end']:>7.3f} ± {r['end_se']:.3f} {r['change_pt']:>+7.1f} {r['end_minutes']:>8.1f}"
         )
     ax.set_xlabel("training wall time, minutes (evaluations excluded)")
@@ -143,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title("shapes world: accuracy vs wall time (bands: ± 1 SE over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if ax_gain is not None:
+        ax.set_title("accuracy as each recipe evaluates it (bands: ± 1 SE over seeds)")
+        ax_gain.set_xlabel("training wall time, minutes (evaluations excluded)")
+        ax_gain.set_ylabel("change from the run's start, points")
+        ax_gain.set_title("gain over the start evaluation")
+        ax_gain.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
