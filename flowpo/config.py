@@ -299,6 +299,9 @@ class EvalConfig:
     """Use the first N eval prompts (0 = all)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """Initial-noise seeds: every prompt is sampled once per seed (ODE, deterministic)."""
+    guidance_scale: float = 0.0
+    """CFG scale of the evaluations; 0 = sampling.guidance_scale (the rollouts'). E.g. 3
+    evaluates a CFG-free DiffusionNFT run the way configs/shapes.yaml's Flow-GRPO runs sample."""
     grid_prompts: int = 8
     """Prompts shown in the sample grids (rows); columns are the seeds (at most 8)."""
     train_prompts: int = 0
@@ -435,6 +438,11 @@ class Config:
                 raise ConfigError(f"{key} ({value}) must be >= 1")
         if s.num_steps < 2:
             raise ConfigError("sampling.num_steps must be >= 2 (the last step is always ODE)")
+        if self.eval.guidance_scale < 0:
+            raise ConfigError(
+                f"eval.guidance_scale ({self.eval.guidance_scale}) must be >= 0 "
+                "(0 = sampling.guidance_scale)"
+            )
         if not 0.0 < r.timestep_fraction <= 1.0:
             raise ConfigError(
                 f"rollout.timestep_fraction ({r.timestep_fraction}) must be in (0, 1]"

@@ -100,3 +100,38 @@ def test_eval_checks_reward_services_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no service answers at" in err and "serve-reward" in err
     assert "Loading pipeline" not in err and not (out / "eval.json").exists()
+
+
+def test_eval_guidance_scale_evaluates_with_its_own_cfg(tmp_path):
+    """eval.guidance_scale samples the evaluation with that CFG scale whatever the rollouts'
+    (a CFG-free run evaluated the way a CFG 3 recipe samples): the same numbers as evaluating
+    with sampling.guidance_scale=3, different ones from CFG-free, and the setting is scoped to
+    the evaluation."""
+
+    def ev(name: str, *overrides: str) -> dict:
+        args = ["eval", "--eval.num_prompts=3", "--eval.seeds=0,1", "--out", str(tmp_path / name)]
+        assert main([*args, *overrides]) == 0
+        return json.loads((tmp_path / name / "eval.json").read_text())
+
+    free = ev("cfg1")  # the default recipe samples CFG-free
+    via_eval = ev("eval3", "--eval.guidance_scale=3")
+    via_sampling = ev("sampling3", "--sampling.guidance_scale=3")
+    assert via_eval["eval/shapes_mean"] == via_sampling["eval/shapes_mean"]
+    assert via_eval["eval/shapes_mean"] != free["eval/shapes_mean"]
+
+    from flowpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.guidance_scale"):
+        load_config(None, ["--eval.guidance_scale=-1"]).validate()
+
+
+def test_adapter_guidance_block_restores_the_scale(tiny_dirs):
+    from flowpo.models.base import load_adapter
+
+    adapter = load_adapter("sd3", tiny_dirs["sd3"])
+    assert not adapter.cfg_active
+    with adapter.guidance(3.0):
+        assert adapter.cfg_active and adapter.encode_prompts(["a cat"]).has_negative
+    assert adapter.guidance_scale == 1.0 and not adapter.cfg_active
+    with adapter.guidance(None):
+        assert adapter.guidance_scale == 1.0

@@ -10,6 +10,7 @@ transformers are imported by the family modules when a model is loaded.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -184,6 +185,19 @@ class ModelAdapter(abc.ABC):
         self._transformer: nn.Module | None = None
         self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()  # prompt -> (1, ...) row
         self._negative: PromptEmbeds | None = None  # "" encoded once, (1, ...)
+
+    @contextlib.contextmanager
+    def guidance(self, scale: float | None):
+        """Inside the block, prompts are encoded and velocities combined with CFG scale `scale`
+        (None or the current scale: unchanged); e.g. a CFG-free policy evaluated with CFG
+        (eval.guidance_scale)."""
+        old = self.guidance_scale
+        if scale is not None:
+            self.guidance_scale = float(scale)
+        try:
+            yield
+        finally:
+            self.guidance_scale = old
 
     # ---- prompts -----------------------------------------------------------------------
     @property

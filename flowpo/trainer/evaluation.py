@@ -168,27 +168,29 @@ def run_eval(
     real = len(mine)
     mine += [mine[-1] if mine else 0] * (per_rank - real)
     results: dict[int, tuple] = {}
-    for n, c in enumerate(progress(mine, desc="eval", enabled=show_progress)):
-        chunk = pairs[starts[c] : starts[c] + bs]
-        emb = adapter.encode_prompts([prompts[i] for i, _ in chunk])
-        imgs = sample_ode(adapter, emb, steps, [s for _, s in chunk])
-        out = reward(imgs, [prompts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
-        if n >= real:
-            continue  # padding
-        if save_dir is not None:
-            for j, (i, s) in enumerate(chunk):
-                save_sample(Path(save_dir), i, seeds.index(s), imgs[j])
-        keys = [k for k in out.details if k.endswith("/strict")]
-        # NaN where a batch was masked (failure=mask) and its reward's details are missing
-        st = out.details[keys[0]] if keys else torch.full_like(out.scores, torch.nan)
-        keep = [j for j, (i, s) in enumerate(chunk) if i < grid_n and s in seeds[:cols]]
-        grid = imgs[keep].cpu() if keep else None
-        results[c] = (
-            out.scores.cpu(),
-            {k: v.cpu() for k, v in out.details.items()},
-            st.cpu(),
-            grid,
-        )
+    # eval.guidance_scale: this evaluation's CFG (0: the rollouts' sampling.guidance_scale)
+    with adapter.guidance(cfg.eval.guidance_scale or None):
+        for n, c in enumerate(progress(mine, desc="eval", enabled=show_progress)):
+            chunk = pairs[starts[c] : starts[c] + bs]
+            emb = adapter.encode_prompts([prompts[i] for i, _ in chunk])
+            imgs = sample_ode(adapter, emb, steps, [s for _, s in chunk])
+            out = reward(imgs, [prompts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
+            if n >= real:
+                continue  # padding
+            if save_dir is not None:
+                for j, (i, s) in enumerate(chunk):
+                    save_sample(Path(save_dir), i, seeds.index(s), imgs[j])
+            keys = [k for k in out.details if k.endswith("/strict")]
+            # NaN where a batch was masked (failure=mask) and its reward's details are missing
+            st = out.details[keys[0]] if keys else torch.full_like(out.scores, torch.nan)
+            keep = [j for j, (i, s) in enumerate(chunk) if i < grid_n and s in seeds[:cols]]
+            grid = imgs[keep].cpu() if keep else None
+            results[c] = (
+                out.scores.cpu(),
+                {k: v.cpu() for k, v in out.details.items()},
+                st.cpu(),
+                grid,
+            )
     if world > 1:
         results = {c: r for part in dist.all_gather_object(results) for c, r in part.items()}
     ordered = [results[c] for c in range(len(starts))]
