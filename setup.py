@@ -42,7 +42,14 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "rewards": REWARDS,
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "tensorboard>=2.16", *REWARDS],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "tensorboard>=2.16",
+            *REWARDS,
+        ],
     },
     entry_points={"console_scripts": ["flowpo=flowpo.cli:main"]},
 )

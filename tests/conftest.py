@@ -458,13 +458,19 @@ class TwoRankResults:
         return rows
 
 
-def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str):
-    """The marked tests' groups (collection order) and dist_update's case list for them."""
+def _two_rank_groups(items) -> dict[str, TwoRankGroup]:
+    """The groups of the marked tests among ITEMS, in collection order."""
     groups: dict[str, TwoRankGroup] = {}
     for item in items:
         for mark in item.iter_markers("two_rank"):
             group = mark.args[0]
             assert groups.setdefault(group.name, group) == group, f"two groups {group.name!r}"
+    return groups
+
+
+def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str):
+    """The marked tests' groups (collection order) and dist_update's case list for them."""
+    groups = _two_rank_groups(items)
     model_dirs: dict[str, str] = {}
     cases = []
     for group in groups.values():
@@ -524,15 +530,45 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+_INTERRUPTED = []  # set by pytest_keyboard_interrupt: a launch still running is killed, not awaited
+
+
+def pytest_keyboard_interrupt(excinfo):
+    _INTERRUPTED.append(True)
+
+
+def _xdist_worker() -> str:
+    """This process's pytest-xdist worker id ("gw0", ...), "" without xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _write_when_done(proc, out: Path) -> None:
+    """In a thread: the launch's exit status to out/returncode once it ends, for the worker
+    that reads the results when another worker launched (pytest-xdist)."""
+    proc.wait()
+    (out / "returncode.tmp").write_text(str(proc.returncode))
+    (out / "returncode.tmp").rename(out / "returncode")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def two_rank_launch(request, tmp_path_factory, tiny_cache, zero3_threshold0):
     """Starts the session's one 2-rank launch (when a collected test is marked two_rank) in
-    its own process group, output to files; yields (out dir, groups, Popen or None). A launch
-    still running at the end of the session (an interrupted session, a timeout) is SIGKILLed
-    (`kill_tree`): no rank outlives the session."""
+    its own process group, output to files; yields (out dir, groups, Popen or None). Under
+    pytest-xdist the first worker to start launches for the whole session, into a folder every
+    worker sees, and keeps the launch until it ends (the worker that runs the marked tests may be
+    another); a launch still running when the session is interrupted or its own worker is the
+    only reader is SIGKILLed (`kill_tree`): no rank outlives the session."""
     import json
+    import threading
 
-    out = tmp_path_factory.mktemp("two_rank")
+    worker = _xdist_worker()
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if worker else base) / "two_rank_launch"
+    try:
+        out.mkdir()  # the first worker to get here launches
+    except FileExistsError:
+        yield out, list(_two_rank_groups(request.session.items)), None
+        return
     groups, cases = _two_rank_cases(
         request.session.items,
         out,
@@ -555,10 +591,16 @@ def two_rank_launch(request, tmp_path_factory, tiny_cache, zero3_threshold0):
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
+        threading.Thread(target=_write_when_done, args=(proc, out), daemon=True).start()
+    else:
+        (out / "returncode").write_text("0")
     try:
         yield out, groups, proc
     finally:
         if proc is not None and proc.poll() is None:
+            if worker and not _INTERRUPTED:  # another worker may still read it
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=1500)
             kill_tree(proc.pid)
             proc.wait()
 
@@ -567,13 +609,19 @@ def two_rank_launch(request, tmp_path_factory, tiny_cache, zero3_threshold0):
 def two_rank(two_rank_launch) -> TwoRankResults:
     """The session's 2-rank launch, finished: waits for it (the first marked test), then every
     marked test reads its own cases (`results`, `runs`, `rows`)."""
+    import time
+
     out, groups, proc = two_rank_launch
+    deadline = time.monotonic() + 1500
+    while not (out / "returncode").is_file():  # written by the launching worker's thread
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the 2-rank launch in {out} did not finish in 1500 s")
+        time.sleep(0.5)
     done = None
-    if proc is not None:
-        proc.wait(timeout=1500)
+    if (out / "cases.json").is_file():
         done = subprocess.CompletedProcess(
-            proc.args,
-            proc.returncode,
+            ["torchrun", "tests/dist_update.py"],
+            int((out / "returncode").read_text()),
             (out / "stdout.txt").read_text(),
             (out / "stderr.txt").read_text(),
         )
