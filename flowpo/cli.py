@@ -39,6 +39,30 @@ with Flow-GRPO). Any config field can be overridden as --section.field=value
 Resume: --resume latest --logging.run_name=NAME, or --resume RUN/checkpoints/checkpoint-N."""
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --ema, for the commands that load a trained checkpoint onto a model."""
+    p.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's EMA weights (train.ema runs: what their own evaluations use)",
+    )
+
+
+def _check_checkpoint_args(args: argparse.Namespace) -> None:
+    """Before any model loads: --ema needs --checkpoint."""
+    if args.ema and not args.checkpoint:
+        raise ConfigError("--ema reads a checkpoint's EMA weights: give --checkpoint too")
+
+
+def _load_checkpoint(adapter, args: argparse.Namespace) -> None:
+    """Apply --checkpoint (its EMA weights with --ema) to the adapter, if one was given."""
+    from flowpo.trainer.checkpoint import load_trainable
+
+    if args.checkpoint:
+        load_trainable(adapter, Path(args.checkpoint), ema=args.ema)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowpo",
@@ -63,12 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--model", required=True, help="local diffusers model directory")
     s.add_argument("--family", default="auto", help="sd3 | flux | auto (default)")
-    s.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
-    s.add_argument(
-        "--ema",
-        action="store_true",
-        help="use the checkpoint's EMA weights (train.ema runs: what their own evaluations use)",
-    )
+    _checkpoint_args(s)
     s.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     s.add_argument("--num", type=int, default=4, help="images per prompt (seeds 0..num-1)")
     s.add_argument("--steps", type=int, default=10, help="ODE steps")
@@ -84,12 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         "--eval.prompt_file=prompts.jsonl --reward.weights=shapes:1 --eval.seeds=0,1,2",
     )
     e.add_argument("--model", default=None, help="model directory (default: the recipe's)")
-    e.add_argument("--checkpoint", default=None, help="flowpo checkpoint dir (LoRA or full)")
-    e.add_argument(
-        "--ema",
-        action="store_true",
-        help="use the checkpoint's EMA weights (train.ema runs: what their own evaluations use)",
-    )
+    _checkpoint_args(e)
     e.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/)")
     e.add_argument("--out", default="eval_out", help="folder for grid PNG and results JSON")
     e.add_argument(
@@ -282,16 +296,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from flowpo.models.base import load_adapter
-    from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.rollout import sample_ode
     from flowpo.trainer.tracking import save_grid
 
-    if args.ema and not args.checkpoint:
-        raise ConfigError("--ema reads a checkpoint's EMA weights: give --checkpoint too")
+    _check_checkpoint_args(args)
     adapter = load_adapter(args.family, args.model, guidance_scale=args.guidance_scale)
     adapter.freeze_frozen_parts()
-    if args.checkpoint:
-        load_trainable(adapter, Path(args.checkpoint), ema=args.ema)
+    _load_checkpoint(adapter, args)
     images = []
     for prompt in args.prompt:
         emb = adapter.encode_prompts([prompt] * args.num)
@@ -319,7 +330,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from flowpo.models.base import load_adapter
     from flowpo.models.resolve import resolve_model_path, torch_dtype
     from flowpo.rewards.base import WeightedReward, check_reward_services
-    from flowpo.trainer.checkpoint import load_trainable
     from flowpo.trainer.evaluation import (
         accuracy_table,
         drawing_table,
@@ -328,8 +338,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     from flowpo.trainer.preflight import preflight
 
-    if args.ema and not args.checkpoint:
-        raise ConfigError("--ema reads a checkpoint's EMA weights: give --checkpoint too")
+    _check_checkpoint_args(args)
     cfg = load_config(_recipe(args.config), overrides)
     if args.model:
         cfg.model.path = args.model
@@ -347,8 +356,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if cfg.model.attn_backend != "native":  # preflight checked that it runs here
         adapter.set_attention_backend(cfg.model.attn_backend)
-    if args.checkpoint:
-        load_trainable(adapter, Path(args.checkpoint), ema=args.ema)
+    _load_checkpoint(adapter, args)
     res = run_eval(
         adapter,
         WeightedReward(cfg.reward.weights, cfg.reward.options),
