@@ -3,7 +3,7 @@ and everything that would stop its run, one line each with the fix.
 
     flowpo doctor [-c configs/RECIPE.yaml] [--section.field=value ...]
     flowpo doctor --gpu-check [--out REPORT.json]      (flowpo/gpu_check.py)
-    python -m flowpo.doctor ...                         (the same)
+    python -m flowpo doctor ...                         (the same)
 
 The recipe and overrides are read as `flowpo train` reads them (no recipe: the CPU default).
 Nothing is loaded or started: the model directory, the prompt files and the registries are
@@ -18,7 +18,6 @@ import copy
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -276,14 +275,3 @@ def run_doctor(cfg: Config | None, *, error: str = "", out: Callable[[str], None
         return 1
     out("nothing would stop a run with this recipe")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flowpo.doctor ARGS` = `flowpo doctor ARGS`."""
-    from flowpo.cli import main as cli_main
-
-    return cli_main(["doctor", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

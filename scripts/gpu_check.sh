@@ -11,4 +11,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python
-exec "$PYTHON" -m flowpo.doctor --gpu-check --out "${1:-gpu_check.json}"
+exec "$PYTHON" -m flowpo doctor --gpu-check --out "${1:-gpu_check.json}"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+
+import pytest
 
 from tests.conftest import flowpo_main, free_port
 
@@ -82,10 +85,16 @@ def test_recipe_errors_and_refused_settings_fail(tmp_path):
     assert out.returncode == 0 and "compile: on" in out.stdout
 
 
-def test_python_m_flowpo_doctor_is_the_same_command(tmp_path, capsys):
-    import flowpo.doctor
+def test_python_m_flowpo_doctor_is_the_same_command(tmp_path, capsys, monkeypatch):
+    import runpy
+
     from tests.conftest import as_fresh_process
 
+    monkeypatch.setattr(
+        sys, "argv", ["flowpo", "doctor", *RECIPE, "--model.path=/nonexistent/model"]
+    )
     with as_fresh_process(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")):
-        code = flowpo.doctor.main([*RECIPE, "--model.path=/nonexistent/model"])
-    assert code == 1 and "model.path '/nonexistent/model' does not exist" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_module("flowpo", run_name="__main__")
+    assert exit_.value.code == 1
+    assert "model.path '/nonexistent/model' does not exist" in capsys.readouterr().out
