@@ -1,15 +1,19 @@
-"""The committed shapes-world base keeps the properties the learning issue asks of it, on a fixed
-small evaluation (every held-out prompt x 4 seeds, CFG 3, the default recipe's sampler), so a
-future change of the base (or of the world, detector or sampler) cannot silently break them:
+"""The committed shapes-world base keeps the properties the learning issue asks of it, on the
+default job's own held-out evaluation (31 prompts x 17 seeds = 527 CFG-free ODE samples, about
+a minute), so a future change of the base (or of the world, detector or sampler) cannot silently
+break them. The bounds are the issue's bars, not fitted to the base:
 
-- it draws shapes: at least 90% of the detected objects are recognised as a vocabulary shape;
-- it follows the prompt's words: colors at least 60% (measured 75% on this evaluation);
-  single_object at least 35% (measured 50%: the committed base often draws nothing for a
-  one-object prompt, short of the issue's 70%; docs/results.md says so);
-- it leaves room for RL: overall strict accuracy below 60% (measured 42.7%), and no tag at 0%.
+- it draws shapes: at least 90% of the detected objects are recognised as a vocabulary shape
+  (measured 90.5%);
+- it follows the prompt's words: single_object and colors each at least 70% (measured 72.5% and
+  76.5%);
+- it leaves room for RL: overall strict accuracy (GenEval's tag mean) between 25% and 60%
+  (measured 46.4%), and no tag at 0% (the lowest, position, 15.4%).
 
-The evaluation is deterministic, so these bounds only move when the base, world, detector or
-sampler change; each sits about one binomial standard error of its tag below the measured value.
+The evaluation is deterministic on a host (the same numbers with 1 and 2 threads, in the job and
+in `flowpo eval`), and the margins are thin (single_object by 1 sample of 51, recognised by about
+4 objects of 850): a host whose floating point differs may move them, and a failure here then
+says which property the base no longer meets (docs/results.md, "Shapes world, third version").
 """
 
 import json
@@ -24,26 +28,24 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def base_eval(tmp_path_factory):
     out = tmp_path_factory.mktemp("base_eval")
-    # CFG 3, as Flow-GRPO samples (configs/shapes.yaml); the default job's DiffusionNFT recipe
-    # evaluates CFG-free, where the base scores lower (docs/results.md)
-    proc = flowpo_main(
-        "eval", "-c", "configs/shapes.yaml", "--eval.seeds=0,1,2,3", "--out", str(out)
-    )
+    proc = flowpo_main("eval", "--out", str(out))  # the default recipe, configs/shapes_nft.yaml
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "eval.json").read_text())
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_samples"] == 527
+    return result
 
 
 def test_base_draws_recognisable_shapes(base_eval):
     found = base_eval["eval/shapes/recognised_mean"]
     comps = base_eval["eval/shapes/components_mean"]
-    assert comps > 0.5, f"the base draws almost nothing: {comps:.2f} objects per image"
+    assert comps > 1.0, f"the base draws almost nothing: {comps:.2f} objects per image"
     assert found / comps >= 0.9, f"only {found / comps:.1%} of the drawn objects are shapes"
 
 
 def test_base_follows_single_words_and_leaves_room(base_eval):
     acc = {k.split("/")[-1]: v for k, v in base_eval.items() if k.startswith("eval/acc/")}
-    assert acc["single_object"] >= 0.35, acc
-    assert acc["colors"] >= 0.6, acc
-    assert acc["overall"] < 0.6, acc
+    assert acc["single_object"] >= 0.7, acc
+    assert acc["colors"] >= 0.7, acc
+    assert 0.25 <= acc["overall"] <= 0.6, acc
     zero = [t for t, v in acc.items() if v == 0.0]
     assert not zero, f"tags at 0%: {zero} ({acc})"
