@@ -247,9 +247,14 @@ def main() -> None:
     r.add_argument("name")
     r.add_argument("--epochs", type=int, default=40)
     r.add_argument("--seeds", type=int, default=16)
-    r.add_argument("overrides", nargs="*", help="config overrides after --")
     sub.add_parser("table")
-    args = p.parse_args()
+    # config overrides follow a `--` (argparse would take `--train.x=1` for an option of its own)
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.overrides = argv[cut + 1 :]
+    if args.overrides and args.cmd != "run":
+        p.error(f"config overrides after -- are for `run`, not `{args.cmd}`")
     {"select": cmd_select, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
 
