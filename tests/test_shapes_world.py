@@ -268,6 +268,26 @@ def test_overall_standard_error_combines_binomial_tag_errors():
     assert math.isnan(EvalResult(reward_mean=0.0, reward_std=0.0, num_samples=0).overall_se())
 
 
+def test_run_summary_reports_the_training_reward_first_vs_last_epochs(tmp_path, capsys):
+    """The closing summary compares the mean training reward of the first and the last 5 epochs
+    (the std over those epochs beside it); the windows shrink so they never overlap."""
+    from flowpo.trainer.summary import finish_run, reward_trend
+
+    history = {"train_reward": [(0.1 * i, 0.05) for i in range(12)]}
+    summary = finish_run(tmp_path, history, None, 1.0, reward_names=["shapes"], rank=0)
+    sd = math.sqrt(sum((0.1 * i - 0.2) ** 2 for i in range(5)) / 4)
+    assert summary["train_reward_trend_k"] == 5
+    assert summary["train_reward_first_k"] == pytest.approx(0.2)
+    assert summary["train_reward_last_k"] == pytest.approx(0.9)
+    assert summary["train_reward_first_k_std"] == pytest.approx(sd)
+    assert summary["train_reward_last_k_std"] == pytest.approx(sd)
+    out = capsys.readouterr().out
+    assert f"first 5 vs the last 5 epochs (± std over those epochs): 0.2000 ± {sd:.4f} -> " in out
+    assert (tmp_path / "summary.json").is_file()
+    assert reward_trend([(0.3, 0.1), (0.5, 0.1), (0.4, 0.1)])["train_reward_trend_k"] == 1
+    assert reward_trend([(0.3, 0.1)]) == {}
+
+
 def test_exact_counts_closes_the_at_least_loophole_in_partial_credit_only():
     """GenEval passes "a photo of a circle" on two circles and a square; with exact_counts the
     training score loses a point for the extra circle and one for the unnamed square, while

@@ -15,6 +15,32 @@ def eval_numbers(res: EvalResult) -> dict:
     return res.numbers()
 
 
+def reward_trend(per_epoch: list, k: int = 5) -> dict:
+    """The training reward's trend over a run: the mean (and the std over epochs) of the
+    per-epoch reward means over the first k and the last k epochs, k = min(k, epochs // 2) so
+    the two windows never overlap; empty for a run of fewer than 2 epochs. per_epoch: (mean,
+    std) per epoch, as the trainer's history keeps them."""
+    k = min(k, len(per_epoch) // 2)
+    if k < 1:
+        return {}
+
+    def mean_std(xs: list[float]) -> tuple[float, float]:
+        m = sum(xs) / len(xs)
+        var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+        return m, var**0.5
+
+    means = [float(e[0]) for e in per_epoch]
+    f, fs = mean_std(means[:k])
+    last, ls = mean_std(means[-k:])
+    return {
+        "train_reward_trend_k": k,
+        "train_reward_first_k": f,
+        "train_reward_first_k_std": fs,
+        "train_reward_last_k": last,
+        "train_reward_last_k_std": ls,
+    }
+
+
 def finish_run(
     run_dir: Path,
     history: dict,
@@ -37,6 +63,7 @@ def finish_run(
     if h.get("train_reward"):
         summary["train_reward_first"], summary["train_reward_first_std"] = h["train_reward"][0]
         summary["train_reward_last"], summary["train_reward_last_std"] = h["train_reward"][-1]
+        summary.update(reward_trend(h["train_reward"]))
     if rank != 0:
         return summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -67,6 +94,15 @@ def finish_run(
             f"train reward ({rollouts}): first epoch {summary['train_reward_first']:.4f} ± "
             f"{summary['train_reward_first_std']:.4f} -> last epoch "
             f"{summary['train_reward_last']:.4f} ± {summary['train_reward_last_std']:.4f}",
+            rank=0,
+        )
+    if "train_reward_trend_k" in summary:
+        k = summary["train_reward_trend_k"]
+        print0(
+            f"train reward, mean over the first {k} vs the last {k} epochs (± std over those "
+            f"epochs): {summary['train_reward_first_k']:.4f} ± "
+            f"{summary['train_reward_first_k_std']:.4f} -> {summary['train_reward_last_k']:.4f} ± "
+            f"{summary['train_reward_last_k_std']:.4f}",
             rank=0,
         )
     if start is not None and end is not None and end.accuracy:
