@@ -11,6 +11,12 @@
     # every run's last checkpoint (and the base) evaluated both with CFG 1 and with CFG 3
     python benchmarks/bench_algorithms.py crosseval [--out benchmarks/results/algorithms]
 
+    # the long grid (the learning issue's shapes_long): configs/shapes_long.yaml (DiffusionNFT)
+    # against Flow-GRPO-Fast (window plan) and E-GRPO (entropy plan), 3 seeds each, every run
+    # evaluated by its recipe (527 held-out samples) -> benchmarks/results/shapes_long.{csv,png}
+    OMP_NUM_THREADS=1 python benchmarks/bench_algorithms.py --set long run [--shard 0/2]
+    python benchmarks/bench_algorithms.py --set long plot
+
 Every run is `flowpo train` with its recipe as committed plus a shared evaluation: the held-out
 prompts x 4 seeds (124 samples) at the start, every few epochs and at the end, without the
 training-prompt evaluation. Each recipe samples and evaluates as it trains: the Flow-GRPO
@@ -30,6 +36,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = "benchmarks/results/algorithms"
 EVAL = ["--eval.seeds=0,1,2,3", "--eval.train_prompts=0", "--logging.progress=false"]
 # name -> recipe and overrides (epochs as each recipe commits them; window: 40, where the
 # fourth round measured that it matches the full plan's accuracy, docs/results.md)
@@ -62,14 +69,50 @@ OPTIONAL: dict[str, list[str]] = {
 }
 
 
-def grid(seeds: list[int], only: list[str]) -> list[tuple[str, int]]:
+# The long grid: each recipe for a budget of about 10 minutes of training on one core, with its
+# own evaluation (the held-out prompts x 17 seeds = 527 samples; the Flow-GRPO recipes at CFG 3,
+# DiffusionNFT CFG-free) and no training-prompt evaluation.
+LONG: dict[str, list[str]] = {
+    "nft_long": ["-c", "configs/shapes_long.yaml"],
+    "grpo_window_long": [
+        "-c",
+        "configs/shapes.yaml",
+        "--rollout.plan=window",
+        "--train.epochs=60",
+        "--eval.every=20",
+    ],
+    "grpo_entropy_long": [
+        "-c",
+        "configs/shapes.yaml",
+        "--rollout.plan=entropy",
+        "--train.epochs=60",
+        "--eval.every=20",
+    ],
+}
+LONG_EVAL = ["--eval.train_prompts=0", "--logging.progress=false"]
+LABELS.update(
+    {
+        "nft_long": "DiffusionNFT, shapes_long (eval CFG 1)",
+        "grpo_window_long": "Flow-GRPO-Fast window (eval CFG 3)",
+        "grpo_entropy_long": "E-GRPO entropy (eval CFG 3)",
+    }
+)
+
+
+def recipes(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[str]]:
+    """The grid's recipes (name -> arguments) and the evaluation arguments shared by its runs."""
+    if args.set == "long":
+        return LONG, LONG_EVAL
+    return {**ALGORITHMS, **OPTIONAL}, EVAL
+
+
+def grid(seeds: list[int], only: list[str], known: dict | None = None) -> list[tuple[str, int]]:
     """(algorithm, seed) in seed-major order, so that a stopped grid has every algorithm."""
-    names = only or list(ALGORITHMS)
+    known = known if known is not None else {**ALGORITHMS, **OPTIONAL}
+    names = only or [n for n in known if n not in OPTIONAL]
     for n in names:
-        if n not in ALGORITHMS and n not in OPTIONAL:
-            sys.exit(
-                f"--only: unknown algorithm {n!r}; known: {', '.join({**ALGORITHMS, **OPTIONAL})}"
-            )
+        if n not in known:
+            sys.exit(f"--only: unknown algorithm {n!r}; known: {', '.join(known)}")
     return [(n, s) for s in seeds for n in names]
 
 
@@ -77,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     k, n = (int(x) for x in args.shard.split("/"))
-    todo = grid(args.seeds, args.only)[k::n]
+    known, shared_eval = recipes(args)
+    todo = grid(args.seeds, args.only, known)[k::n]
     for name, seed in todo:
         run = work / f"{name}_seed{seed}"
         if (run / "summary.json").is_file():
@@ -90,8 +134,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             "-m",
             "flowpo.cli",
             "train",
-            *{**ALGORITHMS, **OPTIONAL}[name],
-            *EVAL,
+            *known[name],
+            *shared_eval,
             f"--train.seed={seed}",
             f"--logging.run_dir={work}",
             f"--logging.run_name={run.name}",
@@ -104,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     work = Path(args.work)
     runs, labels = [], []
-    for name in [*ALGORITHMS, *OPTIONAL]:
+    for name in recipes(args)[0]:
         for seed in args.seeds:
             run = work / f"{name}_seed{seed}"
             if (run / "summary.json").is_file():
@@ -115,7 +159,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from plot_shapes_runs import main as plot
 
-    plot([*runs, "--out", args.out, "--labels", ",".join(labels), "--gain"])
+    out = args.out or ("benchmarks/results/shapes_long" if args.set == "long" else OUT)
+    plot([*runs, "--out", out, "--labels", ",".join(labels), "--gain"])
 
 
 def cmd_crosseval(args: argparse.Namespace) -> None:
@@ -177,12 +222,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default=os.environ.get("FLOWPO_BENCH_WORK", "runs/bench_algorithms"))
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--set", choices=("four", "long"), default="four", help="which grid")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--shard", default="0/1", help="i/n: run every n-th grid entry from the i-th")
     r.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=[])
     q = sub.add_parser("plot")
-    q.add_argument("--out", default="benchmarks/results/algorithms")
+    q.add_argument("--out", default="", help=f"default {OUT}, or benchmarks/results/shapes_long")
     c = sub.add_parser("crosseval")
     c.add_argument("--out", default="benchmarks/results/algorithms")
     args = p.parse_args()
