@@ -16,6 +16,7 @@
     # evaluated by its recipe (527 held-out samples) -> benchmarks/results/shapes_long.{csv,png}
     OMP_NUM_THREADS=1 python benchmarks/bench_algorithms.py --set long run [--shard 0/2]
     python benchmarks/bench_algorithms.py --set long plot
+    python benchmarks/bench_algorithms.py --set long crosseval
 
 Every run is `flowpo train` with its recipe as committed plus a shared evaluation: the held-out
 prompts x 4 seeds (124 samples) at the start, every few epochs and at the end, without the
@@ -172,7 +173,8 @@ def cmd_crosseval(args: argparse.Namespace) -> None:
 
     work = Path(args.work)
     rows = []
-    for name in [*ALGORITHMS, "grpo_entropy"]:
+    names = list(LONG) if args.set == "long" else [*ALGORITHMS, "grpo_entropy"]
+    for name in names:
         for seed in args.seeds:
             run = work / f"{name}_seed{seed}"
             if not (run / "summary.json").is_file():
@@ -197,7 +199,8 @@ def cmd_crosseval(args: argparse.Namespace) -> None:
             cmd += [f"--sampling.guidance_scale={cfg_scale}", "--eval.seeds=0,1,2,3,4,5,6,7"]
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         base[cfg_scale] = json.loads((out / "eval.json").read_text())["eval/acc/overall"]
-    path = Path(args.out + "_crosseval.csv")
+    out = args.out or ("benchmarks/results/shapes_long" if args.set == "long" else OUT)
+    path = Path(out + "_crosseval.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write("algorithm,seed,guidance_scale,overall,samples\n")
@@ -230,7 +233,7 @@ def main() -> None:
     q = sub.add_parser("plot")
     q.add_argument("--out", default="", help=f"default {OUT}, or benchmarks/results/shapes_long")
     c = sub.add_parser("crosseval")
-    c.add_argument("--out", default="benchmarks/results/algorithms")
+    c.add_argument("--out", default="", help=f"default {OUT}, or benchmarks/results/shapes_long")
     args = p.parse_args()
     {"run": cmd_run, "plot": cmd_plot, "crosseval": cmd_crosseval}[args.cmd](args)
 
