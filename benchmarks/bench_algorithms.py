@@ -93,7 +93,7 @@ LONG: dict[str, list[str]] = {
 LONG_EVAL = ["--eval.train_prompts=0", "--logging.progress=false"]
 LABELS.update(
     {
-        "nft_long": "DiffusionNFT, shapes_long (eval CFG 1)",
+        "nft_long": "DiffusionNFT shapes_long (eval CFG 1)",
         "grpo_window_long": "Flow-GRPO-Fast window (eval CFG 3)",
         "grpo_entropy_long": "E-GRPO entropy (eval CFG 3)",
     }
