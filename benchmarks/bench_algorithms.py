@@ -107,6 +107,11 @@ def recipes(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[str]]:
     return {**ALGORITHMS, **OPTIONAL}, EVAL
 
 
+def out_prefix(args: argparse.Namespace) -> str:
+    """Where plot and crosseval write: --out, else the grid's own results name."""
+    return args.out or ("benchmarks/results/shapes_long" if args.set == "long" else OUT)
+
+
 def grid(seeds: list[int], only: list[str], known: dict | None = None) -> list[tuple[str, int]]:
     """(algorithm, seed) in seed-major order, so that a stopped grid has every algorithm."""
     known = known if known is not None else {**ALGORITHMS, **OPTIONAL}
@@ -160,8 +165,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from plot_shapes_runs import main as plot
 
-    out = args.out or ("benchmarks/results/shapes_long" if args.set == "long" else OUT)
-    plot([*runs, "--out", out, "--labels", ",".join(labels), "--gain"])
+    plot([*runs, "--out", out_prefix(args), "--labels", ",".join(labels), "--gain"])
 
 
 def cmd_crosseval(args: argparse.Namespace) -> None:
@@ -199,8 +203,7 @@ def cmd_crosseval(args: argparse.Namespace) -> None:
             cmd += [f"--sampling.guidance_scale={cfg_scale}", "--eval.seeds=0,1,2,3,4,5,6,7"]
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         base[cfg_scale] = json.loads((out / "eval.json").read_text())["eval/acc/overall"]
-    out = args.out or ("benchmarks/results/shapes_long" if args.set == "long" else OUT)
-    path = Path(out + "_crosseval.csv")
+    path = Path(out_prefix(args) + "_crosseval.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write("algorithm,seed,guidance_scale,overall,samples\n")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from flowpo.trainer.evaluation import EvalResult, accuracy_table, drawing_table
@@ -25,9 +26,7 @@ def reward_trend(per_epoch: list, k: int = 5) -> dict:
         return {}
 
     def mean_std(xs: list[float]) -> tuple[float, float]:
-        m = sum(xs) / len(xs)
-        var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-        return m, var**0.5
+        return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
     means = [float(e[0]) for e in per_epoch]
     f, fs = mean_std(means[:k])
