@@ -338,3 +338,38 @@ def test_excess_penalty_charges_each_object_beyond_the_asked_number():
         assert out.scores[1].item() == 1.0
         assert out.details["shapes/strict"].tolist() == [1.0, 1.0]
         assert out.details["shapes/excess_objects"].tolist() == [2.0, 0.0]
+
+
+def test_graded_credit_ranks_near_misses_above_far_ones_and_keeps_strict():
+    """graded gives a failed relation part of its point by how near A lies to the asked
+    direction from B, and a short count part by the objects found: "a circle left of a square"
+    with the circle straight above the square beats the circle right of it, both stay below a
+    pass, and strict correctness (GenEval's rule) is unchanged."""
+    m = _meta("a photo of a circle left of a square")
+    square = Obj("square", "red", 12, 12, 7)
+    at = {
+        "left": Obj("circle", "blue", 2, 12, 7),
+        "above": Obj("circle", "blue", 12, 2, 7),
+        "right": Obj("circle", "blue", 22, 12, 7),
+    }
+    plain, graded = {}, {}
+    for k, c in at.items():
+        dets = detect(draw([c, square]))
+        plain[k] = score(dets, m)
+        graded[k] = score(dets, m, graded=True)
+        assert graded[k][0] == plain[k][0] == (k == "left")  # strict stays GenEval's
+    assert graded["left"][1] == plain["left"][1] == 1.0
+    assert plain["above"][1] == plain["right"][1]  # pass/fail cannot tell them apart
+    assert plain["right"][1] == graded["right"][1]  # exactly opposite: no relation credit
+    assert plain["above"][1] < graded["above"][1] < graded["left"][1]
+    # a count check with 2 of 3 triangles earns 2/3 of GRADED_MAX, 0 of 3 earns nothing
+    from flowpo.rewards.geneval_rules import GRADED_MAX
+
+    m = _meta("a photo of three triangles")
+    two = [Obj("triangle", "red", 2, 2, 7), Obj("triangle", "red", 22, 22, 7)]
+    ok, sc, _ = score(detect(draw(two)), m, graded=True)
+    ok0, sc0, _ = score(detect(draw(two)), m)
+    assert not ok and not ok0
+    checks = len(m["include"]) + len(m.get("exclude", []))
+    assert sc - sc0 == pytest.approx(GRADED_MAX * 2 / 3 / checks)
+    assert score(detect(draw([])), m, graded=True)[1] == score(detect(draw([])), m)[1]

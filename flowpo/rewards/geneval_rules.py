@@ -64,12 +64,35 @@ def relative_position(box_a, box_b) -> set[str]:
     return rels
 
 
+# unit direction of each relation in image coordinates (y points down)
+RELATION_DIRECTIONS = {
+    "left of": (-1.0, 0.0),
+    "right of": (1.0, 0.0),
+    "above": (0.0, -1.0),
+    "below": (0.0, 1.0),
+}
+GRADED_MAX = 0.75  # the most a failed check can earn with graded credit (a pass earns 1)
+
+
+def relation_alignment(box_a, box_b, rel: str) -> float:
+    """Cosine between A's centre offset from B and the relation's direction, in [-1, 1]
+    (0 when the centres coincide): how close A is to lying `rel` B, whether or not GenEval's
+    rule passes."""
+    a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    norm = float(np.linalg.norm(offset))
+    if norm < 1e-9:
+        return 0.0
+    return float(offset @ np.asarray(RELATION_DIRECTIONS[rel]) / norm)
+
+
 def score(
     detections: list[Detection],
     meta: dict[str, Any],
     *,
     position_failure_point: bool = False,
     exact_counts: bool = False,
+    graded: bool = False,
 ) -> tuple[bool, float, list[str]]:
     """(strict correctness, partial-credit score in [0, 1], reasons) for one image.
 
@@ -84,6 +107,12 @@ def score(
     the prompt does not name. Without the "exactly" an empty canvas earned these points, and a
     policy trained on that learned to draw nothing (docs/results.md, "Shapes world"). They
     change the partial credit only; strict correctness stays GenEval's.
+
+    `graded` (not GenEval's either; partial credit only) gives a failed count or position check
+    a fraction of its point instead of none, so that a near miss scores above a far one: a count
+    check with k of the n objects earns GRADED_MAX * k / n, a failed relation earns GRADED_MAX *
+    (1 + cos) / 2 averaged over the object pairs, cos being `relation_alignment` (1 when A lies
+    exactly in the asked direction from B, -1 opposite). A pass still earns the full point.
     """
     by_class: dict[str, list[Detection]] = {}
     for d in detections:
@@ -99,6 +128,8 @@ def score(
         if len(found) < n:
             ok = False
             reasons.append(f"expected {cls}>={n}, found {len(found)}")
+            if graded:
+                points += GRADED_MAX * len(found) / n
         else:
             points += 1
         if "color" in req:
@@ -122,7 +153,11 @@ def score(
                 else:
                     ok = False
                     reasons.append(f"expected {cls} {rel} target")
-                    points += int(position_failure_point)
+                    if position_failure_point:
+                        points += 1
+                    elif graded:
+                        cos = [relation_alignment(d.box, t.box, rel) for d in found for t in target]
+                        points += GRADED_MAX * (1 + float(np.mean(cos))) / 2
         matched_groups.append(found if ok else None)
     for req in meta.get("exclude", []):
         checks += 1

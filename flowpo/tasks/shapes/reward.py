@@ -15,6 +15,7 @@ def shapes_reward(
     exact_counts: bool = False,
     strict_weight: float = 0.0,
     excess_penalty: float = 0.0,
+    graded: bool = False,
 ):
     """strict_weight > 0 adds that much for a strictly correct image (GenEval's rule) to the
     partial credit, so the reward separates "all checks but one" from "correct".
@@ -28,7 +29,10 @@ def shapes_reward(
     world-v3 base, a window-plan run raised the excess from +0.17 to +0.57 objects per image
     with exact_counts alone; docs/results.md). The details also carry drawing
     statistics that evaluation reports to expose reward hacking: `excess_objects` (recognised
-    objects minus the objects the prompt asks for), `components` and `recognised`."""
+    objects minus the objects the prompt asks for), `components` and `recognised`.
+    graded gives failed count and relation checks part of their point by how near they came
+    (see `geneval_rules.score`): a dense signal for the relation and counting prompts, where a
+    pass/fail check separates little within a group."""
     from flowpo.tasks.shapes.detect import analyse, score
 
     def fn(images, prompts, metadata) -> RewardOutput:
@@ -46,6 +50,7 @@ def shapes_reward(
                 meta,
                 position_failure_point=position_failure_point,
                 exact_counts=exact_counts,
+                graded=graded,
             )
             asked = sum(c["count"] for c in meta["include"])
             extra = len(found) - asked
