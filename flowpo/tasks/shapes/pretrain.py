@@ -139,17 +139,16 @@ def _encode(pipe, prompts: list[str]):
 
 
 @torch.no_grad()
-def quick_accuracy(
-    pipe, metas: list[dict], seeds: list[int], steps: int = 10, guidance: float = 1.0
-) -> float:
-    """Strict accuracy of ODE samples (same sampler as flowpo eval) on (prompt, seed) pairs."""
-    from flowpo.tasks.shapes.detect import detect, score
-
-    pe, pooled = _encode(pipe, [m["prompt"] for m in metas for _ in seeds])
+def ode_samples(
+    pipe, prompts: list[str], seeds: list[int], steps: int = 10, guidance: float = 1.0
+) -> torch.Tensor:
+    """(len(prompts) x len(seeds), 3, SIZE, SIZE) ODE samples in [0, 1], prompt-major, the
+    sampler flowpo eval uses (Euler on the pipeline's sigmas, CFG when guidance != 1)."""
+    pe, pooled = _encode(pipe, [p for p in prompts for _ in seeds])
     ue, upooled = _encode(pipe, [""] * pe.shape[0])
     x = torch.cat(
         [torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        * len(metas)
+        * len(prompts)
     )
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
@@ -165,7 +164,16 @@ def quick_accuracy(
             ).sample
             v = vu + guidance * (v - vu)
         x = x + v * (sig[k + 1] - sig[k])
-    imgs = (x / 2 + 0.5).clamp(0, 1)
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def quick_accuracy(
+    pipe, metas: list[dict], seeds: list[int], steps: int = 10, guidance: float = 1.0
+) -> float:
+    """Strict accuracy of ODE samples (same sampler as flowpo eval) on (prompt, seed) pairs."""
+    from flowpo.tasks.shapes.detect import detect, score
+
+    imgs = ode_samples(pipe, [m["prompt"] for m in metas], seeds, steps, guidance)
     flat = [m for m in metas for _ in seeds]
     return float(np.mean([score(detect(im), m)[0] for im, m in zip(imgs, flat)]))
 
