@@ -22,7 +22,8 @@ S1 has C1 and S2 has C2, `swapped` where S1 has C2 and S2 has C1. A model blind 
 has bound ~= swapped.
 
 Writes benchmarks/results/conditioning_probe.csv (one row per model, CFG, probe; appended).
-A trained checkpoint is probed after `flowpo export RUN/checkpoints/checkpoint-N DIR --ema`.
+A trained LoRA checkpoint is probed on its base with `--lora DIR`, DIR written by `flowpo export
+RUN/checkpoints/checkpoint-N DIR --ema` (the EMA weights its own evaluations use).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def probe_binding(pipe, seeds: list[int], cfg: float) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT / "flowpo" / "tasks" / "shapes" / "base_model"))
+    ap.add_argument("--lora", default=None, help="LoRA weights written by `flowpo export`")
     ap.add_argument("--name", default="base")
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     pipe = StableDiffusion3Pipeline.from_pretrained(args.model, vae=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        pipe.fuse_lora()
     seeds = list(range(args.seeds))
     out = Path(args.csv)
     out.parent.mkdir(parents=True, exist_ok=True)
