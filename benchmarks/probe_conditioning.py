@@ -11,6 +11,7 @@ binding the fractions of bound and swapped colourings (equal = blind); and the t
 relative velocity change when one word changes (relation, binding, shape, colour). Training and
 held-out prompts alike: the probe asks what the model does with the words.
 
+`--renderer` probes the world's renderer instead (every word followed: the reference values).
 A trained LoRA checkpoint is probed on its base with `--lora DIR`, DIR written by `flowpo export
 RUN/checkpoints/checkpoint-N DIR --ema` (the EMA weights its own evaluations use).
 Appends rows to benchmarks/results/conditioning_probe.csv (one per model, CFG and probe).
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--csv", default=str(CSV))
+    ap.add_argument("--renderer", action="store_true", help="probe the ground-truth renderer")
     args = ap.parse_args(argv)
 
     import torch
@@ -65,13 +67,18 @@ def main(argv: list[str] | None = None) -> None:
         binding_probe,
         ode_sampler,
         relation_probe,
+        render_sampler,
         text_sensitivity,
     )
 
+    if args.renderer:
+        args.name, args.cfg, pipe = "renderer (ground truth)", [None], None
+
     torch.manual_seed(0)
-    pipe = StableDiffusion3Pipeline.from_pretrained(args.model, vae=None, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    if args.lora:
+    if not args.renderer:
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.model, vae=None, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    if args.lora and pipe is not None:
         pipe.load_lora_weights(args.lora)
         pipe.fuse_lora()
     seeds = list(range(args.seeds))
@@ -86,20 +93,23 @@ def main(argv: list[str] | None = None) -> None:
 
         def emit(row: dict) -> None:
             row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            row = {k: ("" if v is None else v) for k, v in row.items()}
             w.writerow(row)
             f.flush()
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-        t0 = time.time()
-        sens = text_sensitivity(pipe)
-        emit(
-            {"name": args.name, "probe": "velocity change", **sens}
-            | {"seconds": time.time() - t0, "when": stamp}
-        )
+        if pipe is not None:
+            t0 = time.time()
+            sens = text_sensitivity(pipe)
+            emit(
+                {"name": args.name, "probe": "velocity change", **sens}
+                | {"seconds": time.time() - t0, "when": stamp}
+            )
         for cfg in args.cfg:
+            sampler = render_sampler() if pipe is None else ode_sampler(pipe, guidance=cfg)
             for probe, fn in (("relation", relation_probe), ("binding", binding_probe)):
                 t0 = time.time()
-                row = fn(ode_sampler(pipe, guidance=cfg), seeds)
+                row = fn(sampler, seeds)
                 emit(
                     {"name": args.name, "cfg": cfg, "probe": probe, **row}
                     | {"seeds": len(seeds), "seconds": time.time() - t0, "when": stamp}

@@ -4,15 +4,19 @@ to the colour binding (the same scene for a prompt and its opposite or swap)."""
 
 from __future__ import annotations
 
-from flowpo.tasks.shapes.probe import binding_probe, position_parts, relation_probe
+from flowpo.tasks.shapes.probe import (
+    binding_probe,
+    position_parts,
+    relation_probe,
+    render_sampler,
+)
 from flowpo.tasks.shapes.world import all_prompts, render
 
 SEEDS = [0, 1, 2, 3]
 META = {m["prompt"]: m for m in all_prompts()}
 
 
-def perfect(prompts, seeds):
-    return [render(META[p], s) for p in prompts for s in seeds]
+perfect = render_sampler()
 
 
 def relation_blind(prompts, seeds):

@@ -31,7 +31,7 @@ import torch
 
 from flowpo.rewards.geneval_rules import relation_alignment
 from flowpo.tasks.shapes.detect import detect, score
-from flowpo.tasks.shapes.world import CELL, SIZE, all_prompts
+from flowpo.tasks.shapes.world import CELL, SIZE, all_prompts, render
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 Sampler = Callable[[list[str], list[int]], Any]  # prompt-major images, one per (prompt, seed)
@@ -41,6 +41,12 @@ def ode_sampler(pipe, guidance: float = 1.0, steps: int = 10) -> Sampler:
     from flowpo.tasks.shapes.pretrain import ode_samples
 
     return lambda prompts, seeds: ode_samples(pipe, prompts, seeds, steps, guidance)
+
+
+def render_sampler() -> Sampler:
+    """The world's renderer as a model that follows every word: the probes' reference values."""
+    metas = {m["prompt"]: m for m in all_prompts()}
+    return lambda prompts, seeds: [render(metas[p], s) for p in prompts for s in seeds]
 
 
 def _centre(box) -> np.ndarray:
