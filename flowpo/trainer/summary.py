@@ -75,11 +75,20 @@ def finish_run(
             title=f"reward ({', '.join(reward_names)})",
         )
         if end is not None and end.accuracy:
+            tags = [k for k in end.accuracy if k != "overall"]
+            keys = [("eval/acc/overall", "eval/acc_se/overall")]
+            keys += [("eval_train/acc/overall", "eval_train/acc_se/overall")]
+            keys += [(f"eval/acc/{k}", None) for k in tags]
+            labels = {f"eval/acc/{k}": k for k in tags}
+            labels["eval/acc/overall"] = "held-out overall (± SE)"
+            labels["eval_train/acc/overall"] = "training prompts overall (± SE)"
             plot_curves(
                 metrics,
                 run_dir / "accuracy_curve.png",
-                [(f"eval/acc/{k}", None) for k in end.accuracy],
-                title="held-out strict accuracy (ODE, fixed seeds)",
+                keys,
+                title="strict accuracy (ODE, fixed seeds); tags held-out",
+                labels=labels,
+                bold=("eval/acc/overall",),
             )
     print0("\n== summary ==", rank=0)
     before = f"start {start['reward_mean']:.4f} ± {start['reward_std']:.4f}" if start else ""

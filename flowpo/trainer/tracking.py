@@ -158,15 +158,24 @@ def save_grid(
     return path
 
 
-def plot_curves(metrics_path: Path, out: Path, keys: list[tuple[str, str | None]], title: str):
-    """Plot `key` (with optional std band `std_key`) against epoch from a metrics JSONL file."""
+def plot_curves(
+    metrics_path: Path,
+    out: Path,
+    keys: list[tuple[str, str | None]],
+    title: str,
+    labels: dict[str, str] | None = None,
+    bold: tuple[str, ...] = (),
+):
+    """Plot `key` (with optional band +- `std_key`: a std or a standard error) against epoch
+    from a metrics JSONL file; `labels` renames keys in the legend, `bold` keys are drawn
+    thick and dashed `eval_train/` keys (training prompts) beside held-out ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=120)
     for key, std_key in keys:
         pts = [
             (r["epoch"], r[key], r.get(std_key, 0.0) if std_key else 0.0) for r in rows if key in r
@@ -174,15 +183,18 @@ def plot_curves(metrics_path: Path, out: Path, keys: list[tuple[str, str | None]
         if not pts:
             continue
         xs, ys, ss = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, label=key)
+        style = {"lw": 2.5, "color": "black"} if key in bold else {"lw": 1.2}
+        if key.startswith("eval_train/"):
+            style["ls"] = "--"
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=(labels or {}).get(key, key), **style)
         if std_key:
             lo = [y - s for y, s in zip(ys, ss)]
             hi = [y + s for y, s in zip(ys, ss)]
-            ax.fill_between(xs, lo, hi, alpha=0.2)
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
