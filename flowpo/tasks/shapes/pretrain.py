@@ -126,7 +126,9 @@ def _images(
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _encode(pipe, prompts: list[str]):
+def encode_prompts(pipe, prompts: list[str]):
+    """(token-sequence embeddings, pooled embeddings) of the base's three text encoders, as
+    its transformer receives them; shared by pretraining, quick checks and the probes."""
     pe, _, pooled, _ = pipe.encode_prompt(
         prompt=prompts,
         prompt_2=None,
@@ -144,8 +146,8 @@ def ode_samples(
 ) -> torch.Tensor:
     """(len(prompts) x len(seeds), 3, SIZE, SIZE) ODE samples in [0, 1], prompt-major, the
     sampler flowpo eval uses (Euler on the pipeline's sigmas, CFG when guidance != 1)."""
-    pe, pooled = _encode(pipe, [p for p in prompts for _ in seeds])
-    ue, upooled = _encode(pipe, [""] * pe.shape[0])
+    pe, pooled = encode_prompts(pipe, [p for p in prompts for _ in seeds])
+    ue, upooled = encode_prompts(pipe, [""] * pe.shape[0])
     x = torch.cat(
         [torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(s)) for s in seeds]
         * len(prompts)
@@ -293,7 +295,7 @@ def pretrain(
         x0 = _images(metas, rng, noise)
         # empty prompts teach the unconditional velocity, so CFG can be used at sampling
         prompts = ["" if rng.random() < text_dropout else m["prompt"] for m in metas]
-        pe, pooled = _encode(pipe, prompts)
+        pe, pooled = encode_prompts(pipe, prompts)
         # logit-normal (SD3's sampling) mixed with uniform: logit-normal alone rarely draws
         # sigma < 0.1, where the last sampling step cleans edges and colours; shifted like the
         # saved scheduler

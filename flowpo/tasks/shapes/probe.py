@@ -158,14 +158,14 @@ def text_sensitivity(
     """Mean relative change |v(b) - v(a)| / |v(a)| of the transformer's velocity at the same
     noisy inputs (n fixed noises, each sigma) when prompt a becomes prompt b, per kind of
     change in SENSITIVITY_PAIRS."""
-    from flowpo.tasks.shapes.pretrain import _encode
+    from flowpo.tasks.shapes.pretrain import encode_prompts
 
     x = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     out = {}
     for kind, pairs in SENSITIVITY_PAIRS.items():
         vals = []
         for a, b in pairs:
-            pe, pooled = _encode(pipe, [a] * n + [b] * n)
+            pe, pooled = encode_prompts(pipe, [a] * n + [b] * n)
             for s in sigmas:
                 t = torch.full((n,), s * 1000.0)
                 v = [
