@@ -1,0 +1,161 @@
+"""Experiment: continue the committed base with the pretraining loss plus an auxiliary text loss
+that makes each shape token of the conditioning sequence (CLIP and T5 positions) predict its own
+colour (color_attr captions) and its relation to the other shape (position captions), through
+linear heads; probes every 300 steps (8 seeds). docs/results.md, "Why position and color_attr
+do not move".
+
+    OMP_NUM_THREADS=1 python benchmarks/experiments/continue_aux_text_loss.py STEPS LR AUX_WEIGHT
+    (measured: 900 3e-4 1.0)
+
+The weights are not saved: the point is the probe's trajectory."""
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline
+
+from flowpo.sde import shift_sigmas
+from flowpo.tasks.shapes.pretrain import CAPTION_NOISE, _images, encode_prompts
+from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe, text_sensitivity
+from flowpo.tasks.shapes.world import COLORS, TAGS, splits
+
+steps, lr, aux_w = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+bs = 64
+torch.manual_seed(0)
+rng = random.Random(0)
+pipe = StableDiffusion3Pipeline.from_pretrained(
+    str(Path(__file__).resolve().parents[2] / "flowpo" / "tasks" / "shapes" / "base_model"),
+    vae=None,
+    local_files_only=True,
+)
+pipe.set_progress_bar_config(disable=True)
+mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+col_names = list(COLORS)
+rels = ["left of", "right of", "above", "below"]
+opp = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+head_c = torch.nn.Linear(64, len(col_names))
+head_r = torch.nn.Linear(64, len(rels))
+params = [p for m in mods for p in m.parameters()]
+for m in mods:
+    m.train().requires_grad_(True)
+opt = torch.optim.AdamW(
+    params + list(head_c.parameters()) + list(head_r.parameters()),
+    lr=lr,
+    weight_decay=0.01,
+    betas=(0.9, 0.99),
+)
+sp = splits()
+by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
+noise = dict(CAPTION_NOISE)
+clip_len = pipe.tokenizer.model_max_length
+
+
+def positions(prompt, word):
+    """sequence positions of `word`'s (last sub)token in the CLIP part and the T5 part"""
+    out = []
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=clip_len, truncation=True
+    ).input_ids
+    toks = pipe.tokenizer.convert_ids_to_tokens(ids)
+    # CLIP: find the subtoken ending the word
+    acc = ""
+    for i, t in enumerate(toks):
+        if t.startswith("<|"):
+            continue
+        acc += t.replace("</w>", "")
+        if t.endswith("</w>"):
+            if acc == word:
+                out.append(i)
+            acc = ""
+    t5 = pipe.tokenizer_3(prompt).input_ids
+    t5t = pipe.tokenizer_3.convert_ids_to_tokens(t5)
+    for j, t in enumerate(t5t):
+        if t == "▁" + word:
+            out.append(clip_len + j)
+    return out
+
+
+def aux_targets(metas, prompts):
+    pos_c, y_c, pos_r, y_r = [], [], [], []
+    for b, (m, p) in enumerate(zip(metas, prompts)):
+        if not p:
+            continue
+        if m["tag"] == "color_attr":
+            for c in m["include"]:
+                for q in positions(p, c["class"]):
+                    pos_c.append((b, q))
+                    y_c.append(col_names.index(c["color"]))
+        elif m["tag"] == "position":
+            ref, placed = m["include"]
+            r = placed["position"][0]
+            # the placed shape is named first in the caption, the reference second
+            pp = positions(p, placed["class"])
+            pr = positions(p, ref["class"])
+            if placed["class"] == ref["class"]:
+                continue
+            for q in pp:
+                pos_r.append((b, q))
+                y_r.append(rels.index(r))
+            for q in pr:
+                pos_r.append((b, q))
+                y_r.append(rels.index(opp[r]))
+    return pos_c, y_c, pos_r, y_r
+
+
+def probe(step):
+    for m in mods:
+        m.eval()
+    s = text_sensitivity(pipe)
+    r = relation_probe(ode_sampler(pipe), list(range(8)))
+    b = binding_probe(ode_sampler(pipe), list(range(8)))
+    print("PROBE", step, json.dumps(s), json.dumps(r), json.dumps(b), flush=True)
+    for m in mods:
+        m.train()
+
+
+t0 = time.time()
+el = ea = None
+for step in range(1, steps + 1):
+    metas = [
+        rng.choice(by_tag[rng.choice(("position", "color_attr") if rng.random() < 0.5 else TAGS)])
+        for _ in range(bs)
+    ]
+    x0 = _images(metas, rng, noise)
+    prompts = ["" if rng.random() < 0.1 else m["prompt"] for m in metas]
+    pe, pooled = encode_prompts(pipe, prompts)
+    u = torch.rand(bs)
+    ln = torch.sigmoid(torch.randn(bs))
+    sigma = shift_sigmas(torch.where(u < 0.5, torch.rand(bs), ln), 1.0)
+    eps = torch.randn_like(x0)
+    s = sigma.view(-1, 1, 1, 1)
+    v = pipe.transformer(
+        hidden_states=(1 - s) * x0 + s * eps,
+        encoder_hidden_states=pe,
+        pooled_projections=pooled,
+        timestep=sigma * 1000,
+    ).sample
+    loss = torch.mean((v - (eps - x0)) ** 2)
+    pos_c, y_c, pos_r, y_r = aux_targets(metas, prompts)
+    aux = torch.zeros(())
+    if pos_c:
+        h = torch.stack([pe[b, q] for b, q in pos_c])
+        aux = aux + F.cross_entropy(head_c(h), torch.tensor(y_c))
+    if pos_r:
+        h = torch.stack([pe[b, q] for b, q in pos_r])
+        aux = aux + F.cross_entropy(head_r(h), torch.tensor(y_r))
+    total = loss + aux_w * aux
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    el = loss.item() if el is None else 0.98 * el + 0.02 * loss.item()
+    ea = aux.item() if ea is None else 0.98 * ea + 0.02 * aux.item()
+    if step % 50 == 0:
+        print(f"step {step} fm {el:.4f} aux {ea:.3f} {time.time() - t0:.0f}s", flush=True)
+    if step % 300 == 0 or step == steps:
+        probe(step)
