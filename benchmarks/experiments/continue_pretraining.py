@@ -1,11 +1,13 @@
-"""Experiment: continue the committed base with the pretraining loss plus an auxiliary text loss
-that makes each shape token of the conditioning sequence (CLIP and T5 positions) predict its own
-colour (color_attr captions) and its relation to the other shape (position captions), through
-linear heads; probes every 300 steps (8 seeds). docs/results.md, "Why position and color_attr
-do not move".
+"""Experiment: continue the committed base with the pretraining loss (half of every batch from
+the position and color_attr tags), optionally plus an auxiliary text loss that makes each shape
+token of the conditioning sequence (CLIP and T5 positions) predict its own colour (color_attr
+captions) and its relation to the other shape (position captions) through linear heads; probes
+every 300 steps (8 seeds). docs/results.md, "Why position and color_attr do not move".
 
-    OMP_NUM_THREADS=1 python benchmarks/experiments/continue_aux_text_loss.py STEPS LR AUX_WEIGHT
-    (measured: 900 3e-4 1.0)
+    OMP_NUM_THREADS=1 python benchmarks/experiments/continue_pretraining.py STEPS LR AUX_WEIGHT [clean]
+
+Measured: `900 3e-4 1.0` (the auxiliary loss, the pretraining's caption noise) and `900 3e-4 0
+clean` (the control: no auxiliary loss, clean position and color_attr captions).
 
 The weights are not saved: the point is the probe's trajectory."""
 
@@ -25,6 +27,7 @@ from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe
 from flowpo.tasks.shapes.world import COLORS, TAGS, splits
 
 steps, lr, aux_w = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+clean = sys.argv[4:] == ["clean"]
 bs = 64
 torch.manual_seed(0)
 rng = random.Random(0)
@@ -38,20 +41,18 @@ mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_enco
 col_names = list(COLORS)
 rels = ["left of", "right of", "above", "below"]
 opp = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-head_c = torch.nn.Linear(64, len(col_names))
-head_r = torch.nn.Linear(64, len(rels))
 params = [p for m in mods for p in m.parameters()]
+heads = []
+if aux_w > 0:  # created only then: the control keeps the same random streams without them
+    head_c = torch.nn.Linear(64, len(col_names))
+    head_r = torch.nn.Linear(64, len(rels))
+    heads = list(head_c.parameters()) + list(head_r.parameters())
 for m in mods:
     m.train().requires_grad_(True)
-opt = torch.optim.AdamW(
-    params + list(head_c.parameters()) + list(head_r.parameters()),
-    lr=lr,
-    weight_decay=0.01,
-    betas=(0.9, 0.99),
-)
+opt = torch.optim.AdamW(params + heads, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
 sp = splits()
 by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
-noise = dict(CAPTION_NOISE)
+noise = {"counting": CAPTION_NOISE["counting"]} if clean else dict(CAPTION_NOISE)
 clip_len = pipe.tokenizer.model_max_length
 
 
@@ -140,7 +141,7 @@ for step in range(1, steps + 1):
         timestep=sigma * 1000,
     ).sample
     loss = torch.mean((v - (eps - x0)) ** 2)
-    pos_c, y_c, pos_r, y_r = aux_targets(metas, prompts)
+    pos_c, y_c, pos_r, y_r = aux_targets(metas, prompts) if aux_w > 0 else ([], [], [], [])
     aux = torch.zeros(())
     if pos_c:
         h = torch.stack([pe[b, q] for b, q in pos_c])
