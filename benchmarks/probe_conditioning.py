@@ -71,16 +71,16 @@ def main(argv: list[str] | None = None) -> None:
         text_sensitivity,
     )
 
-    if args.renderer:
-        args.name, args.cfg, pipe = "renderer (ground truth)", [None], None
-
     torch.manual_seed(0)
-    if not args.renderer:
+    pipe = None
+    if args.renderer:
+        args.name, args.cfg = "renderer (ground truth)", [None]
+    else:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.model, vae=None, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-    if args.lora and pipe is not None:
-        pipe.load_lora_weights(args.lora)
-        pipe.fuse_lora()
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
+            pipe.fuse_lora()
     seeds = list(range(args.seeds))
     out = Path(args.csv)
     out.parent.mkdir(parents=True, exist_ok=True)

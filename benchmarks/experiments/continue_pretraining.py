@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 
+from flowpo.rewards.geneval_rules import OPPOSITE
 from flowpo.sde import shift_sigmas
 from flowpo.tasks.shapes.pretrain import CAPTION_NOISE, _images, encode_prompts
 from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe, text_sensitivity
@@ -40,7 +41,6 @@ pipe.set_progress_bar_config(disable=True)
 mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
 col_names = list(COLORS)
 rels = ["left of", "right of", "above", "below"]
-opp = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 params = [p for m in mods for p in m.parameters()]
 heads = []
 if aux_w > 0:  # created only then: the control keeps the same random streams without them
@@ -104,7 +104,7 @@ def aux_targets(metas, prompts):
                 y_r.append(rels.index(r))
             for q in pr:
                 pos_r.append((b, q))
-                y_r.append(rels.index(opp[r]))
+                y_r.append(rels.index(OPPOSITE[r]))
     return pos_c, y_c, pos_r, y_r
 
 

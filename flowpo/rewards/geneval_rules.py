@@ -71,15 +71,24 @@ RELATION_DIRECTIONS = {
     "above": (0.0, -1.0),
     "below": (0.0, 1.0),
 }
+OPPOSITE = {  # the relation whose direction is the negated one
+    rel: next(r for r, d in RELATION_DIRECTIONS.items() if d == (-dx, -dy))
+    for rel, (dx, dy) in RELATION_DIRECTIONS.items()
+}
 GRADED_MAX = 0.75  # the most a failed check can earn with graded credit (a pass earns 1)
+
+
+def box_centre(box) -> np.ndarray:
+    """(x, y) centre of an (x0, y0, x1, y1) box."""
+    b = np.asarray(box, np.float64)
+    return (b[:2] + b[2:]) / 2
 
 
 def relation_alignment(box_a, box_b, rel: str) -> float:
     """Cosine between A's centre offset from B and the relation's direction, in [-1, 1]
     (0 when the centres coincide): how close A is to lying `rel` B, whether or not GenEval's
     rule passes."""
-    a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    offset = box_centre(box_a) - box_centre(box_b)
     norm = float(np.linalg.norm(offset))
     if norm < 1e-9:
         return 0.0

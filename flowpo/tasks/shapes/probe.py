@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowpo.rewards.geneval_rules import relation_alignment
+from flowpo.rewards.geneval_rules import OPPOSITE, box_centre, relation_alignment
 from flowpo.tasks.shapes.detect import detect, score
 from flowpo.tasks.shapes.world import CELL, SIZE, all_prompts, render
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 Sampler = Callable[[list[str], list[int]], Any]  # prompt-major images, one per (prompt, seed)
 
 
@@ -47,10 +46,6 @@ def render_sampler() -> Sampler:
     """The world's renderer as a model that follows every word: the probes' reference values."""
     metas = {m["prompt"]: m for m in all_prompts()}
     return lambda prompts, seeds: [render(metas[p], s) for p in prompts for s in seeds]
-
-
-def _centre(box) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], np.float64)
 
 
 def position_parts(meta: dict) -> tuple[str, str, str]:
@@ -74,7 +69,7 @@ def relation_probe(sample: Sampler, seeds: list[int]) -> dict[str, float]:
             a = [d for d in dets if d.shape == a_cls]
             b = [d for d in dets if d.shape == b_cls]
             if a and b:
-                rows.append((_centre(a[0].box), relation_alignment(a[0].box, b[0].box, rel), ok))
+                rows.append((box_centre(a[0].box), relation_alignment(a[0].box, b[0].box, rel), ok))
             else:
                 rows.append((None, None, ok))
         per[p] = rows
