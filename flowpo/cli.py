@@ -152,6 +152,20 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="static shift of the training sigmas and of the saved scheduler (committed: 1)",
     )
+    p2.add_argument(
+        "--aux-text-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary text loss (shape tokens predict their colour and "
+        "relation; 0 = off)",
+    )
+    p2.add_argument(
+        "--caption-noise",
+        default=None,
+        metavar="TAG=P,...",
+        help="fraction of each tag's captions that mis-describe their scene, e.g. "
+        "position=0.5,counting=0.4,color_attr=0.3 (the default)",
+    )
 
     g = sub.add_parser(
         "make-prompts",
@@ -437,6 +451,25 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     if not (args.resume or args.out_dir):
         print("flowpo: error: pretrain-shapes needs OUT_DIR (or --resume OUT_DIR)", file=sys.stderr)
         return 2
+    noise = None
+    if args.caption_noise:
+        from flowpo.tasks.shapes.pretrain import CAPTION_NOISE
+
+        noise = dict(CAPTION_NOISE)
+        for item in args.caption_noise.split(","):
+            tag, _, val = item.partition("=")
+            try:
+                p = float(val)
+            except ValueError:
+                p = -1.0
+            if tag.strip() not in CAPTION_NOISE or not 0.0 <= p <= 1.0:
+                print(
+                    f"flowpo: error: --caption-noise {item!r}: give TAG=P with TAG one of "
+                    f"{', '.join(CAPTION_NOISE)} and P in [0, 1]",
+                    file=sys.stderr,
+                )
+                return 2
+            noise[tag.strip()] = p
     if args.snapshot:
         from flowpo.tasks.shapes.pretrain import save_snapshot
 
@@ -455,6 +488,8 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         sigma_shift=args.sigma_shift,
+        aux_text_weight=args.aux_text_weight,
+        caption_noise=noise,
         log=lambda m: print(m, flush=True),
     )
     return 0

@@ -235,14 +235,23 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
     assert (tmp_path / "pretrain_summary.json").is_file()
 
 
-def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("aux", [0.0, 1.0])
+def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux):
     """A run stopped after step 2 and resumed with --resume saves the same weights as one run
-    straight through (weights, EMA, optimiser and RNG states are all restored)."""
+    straight through (weights, EMA, optimiser, RNG states and the auxiliary text heads are all
+    restored)."""
     from safetensors.torch import load_file
 
     from flowpo.tasks.shapes.pretrain import pretrain
 
-    kw = dict(steps=4, batch_size=4, eval_every=10**9, save_every=10**9, compile=False)
+    kw = dict(
+        steps=4,
+        batch_size=8,
+        eval_every=10**9,
+        save_every=10**9,
+        compile=False,
+        aux_text_weight=aux,
+    )
     pretrain(str(tmp_path / "a"), **kw, log=lambda m: m)
     assert pretrain(str(tmp_path / "b"), **kw, stop_at=2, log=lambda m: m) is None
     assert not (tmp_path / "b" / "transformer").exists()
@@ -253,6 +262,79 @@ def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     with pytest.raises(ValueError, match="settings differ"):
         pretrain(str(tmp_path / "b"), **{**kw, "steps": 6}, resume=True, log=lambda m: m)
+
+
+def test_auxiliary_text_targets_name_each_shapes_colour_and_relation():
+    """The auxiliary loss's examples: in a position caption the placed shape's tokens (CLIP and
+    T5) get the relation and the reference's tokens its opposite; in a color_attr caption each
+    shape's tokens get its colour; dropped captions give none. The positions index the very
+    tokens of those words in the sequence the transformer receives."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowpo.models.resolve import SHAPES_BASE
+    from flowpo.tasks.shapes.pretrain import (
+        RELATIONS,
+        aux_text_loss,
+        aux_text_targets,
+        encode_prompts,
+    )
+    from flowpo.tasks.shapes.world import COLORS
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(SHAPES_BASE), vae=None, local_files_only=True
+    )
+    pos = {
+        "tag": "position",
+        "prompt": "a photo of a circle left of a square",
+        "include": [
+            {"class": "square", "count": 1},
+            {"class": "circle", "count": 1, "position": ["left of", 0]},
+        ],
+    }
+    col = {
+        "tag": "color_attr",
+        "prompt": "a photo of a red triangle and a blue circle",
+        "include": [
+            {"class": "triangle", "count": 1, "color": "red"},
+            {"class": "circle", "count": 1, "color": "blue"},
+        ],
+    }
+    metas = [pos, col, pos]
+    t = aux_text_targets(pipe, metas, [pos["prompt"], col["prompt"], ""])
+    clip_len = pipe.tokenizer.model_max_length
+    rel_pos, rel_y = t["relation"]
+    assert {b for b, _ in rel_pos} == {0}  # the dropped caption gives no example
+    by_label = {}
+    for (_, q), y in zip(rel_pos, rel_y):
+        by_label.setdefault(RELATIONS[y], []).append(q)
+    # one CLIP and one T5 position per shape word
+    assert sorted(by_label) == ["left of", "right of"]
+    for qs in by_label.values():
+        assert len(qs) == 2 and qs[0] < clip_len <= qs[1]
+    circle_clip, square_clip = by_label["left of"][0], by_label["right of"][0]
+    toks = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(pos["prompt"]).input_ids)
+
+    def word_ending_at(q):  # a word may be split into subtokens; the last one ends in </w>
+        return "".join(toks[1 : q + 1]).replace("</w>", " ").split()[-1]
+
+    assert toks[circle_clip].endswith("</w>") and word_ending_at(circle_clip) == "circle"
+    assert toks[square_clip].endswith("</w>") and word_ending_at(square_clip) == "square"
+    t5_ids = pipe.tokenizer_3(pos["prompt"]).input_ids
+    t5_toks = pipe.tokenizer_3.convert_ids_to_tokens(t5_ids)
+    assert t5_toks[by_label["left of"][1] - clip_len] == "\u2581circle"
+    col_pos, col_y = t["color"]
+    assert {b for b, _ in col_pos} == {1} and len(col_pos) == 4
+    assert sorted(list(COLORS)[y] for y in col_y) == ["blue", "blue", "red", "red"]
+    # the loss is a finite cross-entropy with gradients into the text encoders
+    heads = {"color": torch.nn.Linear(64, len(COLORS)), "relation": torch.nn.Linear(64, 4)}
+    pipe.text_encoder_3.requires_grad_(True)
+    pe, _ = encode_prompts(pipe, [pos["prompt"], col["prompt"], ""])
+    loss = aux_text_loss(heads, pe, t)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.text_encoder_3.parameters()
+    )
 
 
 def test_overall_standard_error_combines_binomial_tag_errors():
@@ -373,3 +455,13 @@ def test_graded_credit_ranks_near_misses_above_far_ones_and_keeps_strict():
     checks = len(m["include"]) + len(m.get("exclude", []))
     assert sc - sc0 == pytest.approx(GRADED_MAX * 2 / 3 / checks)
     assert score(detect(draw([])), m, graded=True)[1] == score(detect(draw([])), m)[1]
+
+
+@pytest.mark.parametrize("bad", ["position=2", "shapes=0.1", "position"])
+def test_pretrain_cli_names_the_fix_for_a_bad_caption_noise(tmp_path, capsys, bad):
+    from flowpo.cli import main
+
+    assert main(["pretrain-shapes", str(tmp_path / "m"), "--caption-noise", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--caption-noise" in err and "TAG=P" in err and "color_attr" in err
+    assert not (tmp_path / "m").exists()

@@ -17,6 +17,15 @@ last iterate. Pretraining is a fixed number of steps with a step-based learning-
 and saves its full state (weights, EMA, optimiser, RNGs) every `save_every` steps, so a run
 resumed with `--resume` ends bit-identical to one that was never interrupted.
 
+With `aux_text_weight > 0` the text encoders also learn an auxiliary objective (docs/results.md,
+"Why position and color_attr do not move"): in every color_attr caption each shape word's tokens
+(its CLIP and its T5 position in the conditioning sequence) predict that shape's colour, and in
+every position caption the placed shape's tokens predict the relation and the reference's tokens
+its opposite, through linear heads that are trained with them and not saved. Without it the
+jointly trained encoders read a caption as a bag of words: the flow-matching loss alone barely
+rewards knowing which colour belongs to which shape or which way a relation points. The targets
+come from the caption, never from the (possibly mis-described) scene.
+
 The directory is a StableDiffusion3Pipeline layout with `"vae": [null, null]`: the SD3 adapter
 treats such a model as pixel space (latents are images in [-1, 1]).
 """
@@ -35,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowpo.rewards.geneval_rules import OPPOSITE, RELATION_DIRECTIONS
 from flowpo.sde import shift_sigmas
-from flowpo.tasks.shapes.world import CELL, SIZE, TAGS, render, splits
+from flowpo.tasks.shapes.world import CELL, COLORS, SIZE, TAGS, render, splits
 
 SIGMA_SHIFT = 1.0  # pretraining sigmas and the saved scheduler (see "scheduler" below)
 # fraction of each tag's training scenes whose caption is wrong in the way described above
@@ -180,6 +190,77 @@ def quick_accuracy(
     return float(np.mean([score(detect(im), m)[0] for im, m in zip(imgs, flat)]))
 
 
+RELATIONS = list(RELATION_DIRECTIONS)  # the auxiliary relation head's classes, in this order
+
+
+def word_positions(pipe, prompt: str, word: str) -> list[int]:
+    """Positions in the conditioning sequence (CLIP part first, then T5, as encode_prompt
+    concatenates them) of the token that ends `word` in `prompt`: where the transformer reads it."""
+    clip_len = pipe.tokenizer.model_max_length
+    ids = pipe.tokenizer(prompt, max_length=clip_len, truncation=True).input_ids
+    out, acc = [], ""
+    for i, tok in enumerate(pipe.tokenizer.convert_ids_to_tokens(ids)):
+        if tok.startswith("<|"):
+            continue
+        acc += tok.replace("</w>", "")
+        if tok.endswith("</w>"):
+            if acc == word:
+                out.append(i)
+            acc = ""
+    t5_ids = pipe.tokenizer_3(prompt).input_ids
+    for j, tok in enumerate(pipe.tokenizer_3.convert_ids_to_tokens(t5_ids)):
+        if tok == "\u2581" + word:
+            out.append(clip_len + j)
+    return out
+
+
+def aux_text_targets(
+    pipe, metas: list[dict], prompts: list[str], cache: dict | None = None
+) -> dict[str, tuple[list[tuple[int, int]], list[int]]]:
+    """The auxiliary text loss's examples for a batch: {"color": (positions, colour indices),
+    "relation": (positions, relation indices)}, a position being (batch row, sequence index).
+    Captions dropped to "" and position captions naming one shape twice give none."""
+    cache = {} if cache is None else cache
+
+    def where(prompt: str, word: str) -> list[int]:
+        if (prompt, word) not in cache:
+            cache[(prompt, word)] = word_positions(pipe, prompt, word)
+        return cache[(prompt, word)]
+
+    colours = list(COLORS)
+    out: dict[str, tuple[list, list]] = {"color": ([], []), "relation": ([], [])}
+    for b, (m, prompt) in enumerate(zip(metas, prompts)):
+        if not prompt:
+            continue
+        if m["tag"] == "color_attr":
+            for c in m["include"]:
+                for q in where(prompt, c["class"]):
+                    out["color"][0].append((b, q))
+                    out["color"][1].append(colours.index(c["color"]))
+        elif m["tag"] == "position":
+            ref, placed = m["include"]
+            if placed["class"] == ref["class"]:
+                continue
+            rel = placed["position"][0]
+            for obj, r in ((placed, rel), (ref, OPPOSITE[rel])):
+                for q in where(prompt, obj["class"]):
+                    out["relation"][0].append((b, q))
+                    out["relation"][1].append(RELATIONS.index(r))
+    return out
+
+
+def aux_text_loss(heads: dict, pe: torch.Tensor, targets: dict) -> torch.Tensor:
+    """Mean over the heads that have examples of the cross-entropy of head(token embedding)."""
+    import torch.nn.functional as F
+
+    terms = []
+    for name, (pos, y) in targets.items():
+        if pos:
+            h = torch.stack([pe[b, q] for b, q in pos])
+            terms.append(F.cross_entropy(heads[name](h), torch.tensor(y)))
+    return torch.stack(terms).sum() if terms else pe.new_zeros(())
+
+
 def pretrain(
     out_dir: str,
     *,
@@ -195,6 +276,7 @@ def pretrain(
     caption_noise: dict[str, float] | None = None,
     compile: bool = True,
     uniform_sigma: float = 0.5,
+    aux_text_weight: float = 0.0,
     resume: bool = False,
     stop_at: int = 0,
     log=print,
@@ -217,9 +299,20 @@ def pretrain(
     ema = [p.detach().clone() for p in params]
     for m in modules:
         m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    heads: dict[str, torch.nn.Module] = {}
+    if aux_text_weight > 0:  # own RNG stream: the run without heads keeps its random numbers
+        dim = BASE_CONFIG["transformer"]["joint_attention_dim"]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 50)
+            heads = {
+                "color": torch.nn.Linear(dim, len(COLORS)),
+                "relation": torch.nn.Linear(dim, len(RELATIONS)),
+            }
+    head_params = [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.AdamW(params + head_params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    token_cache: dict = {}
     warmup = 200
-    step, ema_loss, history, seconds = 0, None, [], 0.0
+    step, ema_loss, ema_aux, history, seconds = 0, None, None, [], 0.0
     settings = {
         "steps": steps,
         "batch_size": batch_size,
@@ -232,6 +325,8 @@ def pretrain(
         "compile": compile,
         "uniform_sigma": uniform_sigma,
     }
+    if aux_text_weight > 0:  # absent otherwise: states saved before the option still resume
+        settings["aux_text_weight"] = aux_text_weight
     if resume:
         state_path = out / STATE_FILE
         if not state_path.is_file():
@@ -251,10 +346,13 @@ def pretrain(
                 p.copy_(v)
             for e, v in zip(ema, st["ema"]):
                 e.copy_(v)
+            for p, v in zip(head_params, st.get("head_params", [])):
+                p.copy_(v)
         opt.load_state_dict(st["opt"])
         rng.setstate(st["py_rng"])
         torch.set_rng_state(st["torch_rng"])
         step, ema_loss, history, seconds = st["step"], st["ema_loss"], st["history"], st["seconds"]
+        ema_aux = st.get("ema_aux")
         log(f"resumed pretraining from {state_path} at step {step}")
     t0 = time.time() - seconds
 
@@ -265,11 +363,13 @@ def pretrain(
                 "settings": settings,
                 "params": [p.detach() for p in params],
                 "ema": ema,
+                "head_params": [p.detach() for p in head_params],
                 "opt": opt.state_dict(),
                 "py_rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(),
                 "step": step,
                 "ema_loss": ema_loss,
+                "ema_aux": ema_aux,
                 "history": history,
                 "seconds": time.time() - t0,
             },
@@ -314,11 +414,16 @@ def pretrain(
             timestep=sigma * 1000,
         ).sample
         loss = torch.mean((v - (eps - x0)) ** 2)
+        total = loss
+        if heads:
+            aux = aux_text_loss(heads, pe, aux_text_targets(pipe, metas, prompts, token_cache))
+            total = loss + aux_text_weight * aux
+            ema_aux = aux.item() if ema_aux is None else 0.98 * ema_aux + 0.02 * aux.item()
         frac = step / steps
         for g in opt.param_groups:  # warmup, then cosine to 10% over the steps
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * frac))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -328,9 +433,10 @@ def pretrain(
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        aux_txt = "" if ema_aux is None else f" aux {ema_aux:.3f}"
+        bar.set_postfix_str(f"loss={ema_loss:.4f}{aux_txt}")
         if bar.disable and step % 100 == 0:  # no TTY (a log file): a line every 100 steps
-            log(f"step {step}/{steps} loss {ema_loss:.4f} ({time.time() - t0:.0f}s)")
+            log(f"step {step}/{steps} loss {ema_loss:.4f}{aux_txt} ({time.time() - t0:.0f}s)")
         if step % eval_every == 0 or step == steps:
             for m in modules:
                 m.eval()
@@ -346,6 +452,7 @@ def pretrain(
                     "loss": ema_loss,
                     "heldout_acc": acc,
                     "heldout_acc_cfg3": acc_cfg,
+                    **({} if ema_aux is None else {"aux_loss": ema_aux}),
                     "seconds": time.time() - t0,
                 }
             )
