@@ -18,12 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 
-from flowpo.rewards.geneval_rules import OPPOSITE
 from flowpo.sde import shift_sigmas
-from flowpo.tasks.shapes.pretrain import CAPTION_NOISE, _images, encode_prompts
+from flowpo.tasks.shapes.pretrain import (
+    CAPTION_NOISE,
+    RELATIONS,
+    _images,
+    aux_text_loss,
+    aux_text_targets,
+    encode_prompts,
+)
 from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe, text_sensitivity
 from flowpo.tasks.shapes.world import COLORS, TAGS, splits
 
@@ -39,73 +44,24 @@ pipe = StableDiffusion3Pipeline.from_pretrained(
 )
 pipe.set_progress_bar_config(disable=True)
 mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-col_names = list(COLORS)
-rels = ["left of", "right of", "above", "below"]
 params = [p for m in mods for p in m.parameters()]
-heads = []
+heads = {}
 if aux_w > 0:  # created only then: the control keeps the same random streams without them
-    head_c = torch.nn.Linear(64, len(col_names))
-    head_r = torch.nn.Linear(64, len(rels))
-    heads = list(head_c.parameters()) + list(head_r.parameters())
+    heads = {
+        "color": torch.nn.Linear(64, len(COLORS)),
+        "relation": torch.nn.Linear(64, len(RELATIONS)),
+    }
 for m in mods:
     m.train().requires_grad_(True)
-opt = torch.optim.AdamW(params + heads, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+opt = torch.optim.AdamW(
+    params + [p for h in heads.values() for p in h.parameters()],
+    lr=lr,
+    weight_decay=0.01,
+    betas=(0.9, 0.99),
+)
 sp = splits()
 by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
 noise = {"counting": CAPTION_NOISE["counting"]} if clean else dict(CAPTION_NOISE)
-clip_len = pipe.tokenizer.model_max_length
-
-
-def positions(prompt, word):
-    """sequence positions of `word`'s (last sub)token in the CLIP part and the T5 part"""
-    out = []
-    ids = pipe.tokenizer(
-        prompt, padding="max_length", max_length=clip_len, truncation=True
-    ).input_ids
-    toks = pipe.tokenizer.convert_ids_to_tokens(ids)
-    # CLIP: find the subtoken ending the word
-    acc = ""
-    for i, t in enumerate(toks):
-        if t.startswith("<|"):
-            continue
-        acc += t.replace("</w>", "")
-        if t.endswith("</w>"):
-            if acc == word:
-                out.append(i)
-            acc = ""
-    t5 = pipe.tokenizer_3(prompt).input_ids
-    t5t = pipe.tokenizer_3.convert_ids_to_tokens(t5)
-    for j, t in enumerate(t5t):
-        if t == "▁" + word:
-            out.append(clip_len + j)
-    return out
-
-
-def aux_targets(metas, prompts):
-    pos_c, y_c, pos_r, y_r = [], [], [], []
-    for b, (m, p) in enumerate(zip(metas, prompts)):
-        if not p:
-            continue
-        if m["tag"] == "color_attr":
-            for c in m["include"]:
-                for q in positions(p, c["class"]):
-                    pos_c.append((b, q))
-                    y_c.append(col_names.index(c["color"]))
-        elif m["tag"] == "position":
-            ref, placed = m["include"]
-            r = placed["position"][0]
-            # the placed shape is named first in the caption, the reference second
-            pp = positions(p, placed["class"])
-            pr = positions(p, ref["class"])
-            if placed["class"] == ref["class"]:
-                continue
-            for q in pp:
-                pos_r.append((b, q))
-                y_r.append(rels.index(r))
-            for q in pr:
-                pos_r.append((b, q))
-                y_r.append(rels.index(OPPOSITE[r]))
-    return pos_c, y_c, pos_r, y_r
 
 
 def probe(step):
@@ -141,14 +97,11 @@ for step in range(1, steps + 1):
         timestep=sigma * 1000,
     ).sample
     loss = torch.mean((v - (eps - x0)) ** 2)
-    pos_c, y_c, pos_r, y_r = aux_targets(metas, prompts) if aux_w > 0 else ([], [], [], [])
-    aux = torch.zeros(())
-    if pos_c:
-        h = torch.stack([pe[b, q] for b, q in pos_c])
-        aux = aux + F.cross_entropy(head_c(h), torch.tensor(y_c))
-    if pos_r:
-        h = torch.stack([pe[b, q] for b, q in pos_r])
-        aux = aux + F.cross_entropy(head_r(h), torch.tensor(y_r))
+    aux = (
+        aux_text_loss(heads, pe, aux_text_targets(pipe, metas, prompts))
+        if heads
+        else torch.zeros(())
+    )
     total = loss + aux_w * aux
     opt.zero_grad(set_to_none=True)
     total.backward()
