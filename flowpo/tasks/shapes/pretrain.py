@@ -24,7 +24,9 @@ every position caption the placed shape's tokens predict the relation and the re
 its opposite, through linear heads that are trained with them and not saved. Without it the
 jointly trained encoders read a caption as a bag of words: the flow-matching loss alone barely
 rewards knowing which colour belongs to which shape or which way a relation points. The targets
-come from the caption, never from the (possibly mis-described) scene.
+come from the caption, never from the (possibly mis-described) scene. Measured with weight 1 from
+step 0: the tokens learn it, but the transformer still does not place by the relation and the
+base draws worse, so it is off by default and the committed base is trained without it.
 
 The directory is a StableDiffusion3Pipeline layout with `"vae": [null, null]`: the SD3 adapter
 treats such a model as pixel space (latents are images in [-1, 1]).
@@ -250,7 +252,7 @@ def aux_text_targets(
 
 
 def aux_text_loss(heads: dict, pe: torch.Tensor, targets: dict) -> torch.Tensor:
-    """Mean over the heads that have examples of the cross-entropy of head(token embedding)."""
+    """Sum over the heads that have examples of their mean cross-entropy on the token embeddings."""
     import torch.nn.functional as F
 
     terms = []
