@@ -12,8 +12,8 @@
     python benchmarks/bench_algorithms.py crosseval [--out benchmarks/results/algorithms]
 
     # the long grid (the learning issue's shapes_long): configs/shapes_long.yaml (DiffusionNFT)
-    # against Flow-GRPO-Fast (window plan) and E-GRPO (entropy plan), 3 seeds each, every run
-    # evaluated by its recipe (527 held-out samples) -> benchmarks/results/shapes_long.{csv,png}
+    # against Flow-GRPO-Fast (window plan) and E-GRPO (entropy plan) of shapes_grpo_long.yaml,
+    # 3 seeds each, all CFG-free on 527 held-out samples -> benchmarks/results/shapes_long.{csv,png}
     OMP_NUM_THREADS=1 python benchmarks/bench_algorithms.py --set long run [--shard 0/2]
     python benchmarks/bench_algorithms.py --set long plot
     python benchmarks/bench_algorithms.py --set long crosseval
