@@ -15,11 +15,11 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from flowpo.models.resolve import SHAPES_BASE
 from flowpo.sde import shift_sigmas
 from flowpo.tasks.shapes.pretrain import (
     CAPTION_NOISE,
@@ -37,11 +37,7 @@ clean = sys.argv[4:] == ["clean"]
 bs = 64
 torch.manual_seed(0)
 rng = random.Random(0)
-pipe = StableDiffusion3Pipeline.from_pretrained(
-    str(Path(__file__).resolve().parents[2] / "flowpo" / "tasks" / "shapes" / "base_model"),
-    vae=None,
-    local_files_only=True,
-)
+pipe = StableDiffusion3Pipeline.from_pretrained(str(SHAPES_BASE), vae=None, local_files_only=True)
 pipe.set_progress_bar_config(disable=True)
 mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
 params = [p for m in mods for p in m.parameters()]

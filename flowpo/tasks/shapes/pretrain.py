@@ -209,7 +209,8 @@ def word_positions(pipe, prompt: str, word: str) -> list[int]:
             if acc == word:
                 out.append(i)
             acc = ""
-    t5_ids = pipe.tokenizer_3(prompt).input_ids
+    t5_len = pipe.tokenizer_3.model_max_length  # encode_prompts truncates T5 there too
+    t5_ids = pipe.tokenizer_3(prompt, max_length=t5_len, truncation=True).input_ids
     for j, tok in enumerate(pipe.tokenizer_3.convert_ids_to_tokens(t5_ids)):
         if tok == "\u2581" + word:
             out.append(clip_len + j)
