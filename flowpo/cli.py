@@ -166,6 +166,33 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction of each tag's captions that mis-describe their scene, e.g. "
         "position=0.5,counting=0.4,color_attr=0.3 (the default)",
     )
+    p2.add_argument(
+        "--contrast-weight",
+        type=float,
+        default=0.0,
+        help="weight of the caption-contrast loss: a position or color_attr scene drawn to match "
+        "its caption must be denoised better under it than under its counterfactual (relation "
+        "flipped, shapes or colours exchanged); 0 = off",
+    )
+    p2.add_argument(
+        "--contrast-beta",
+        type=float,
+        default=100.0,
+        help="scale of the per-sample error difference inside the contrast's softplus",
+    )
+    p2.add_argument(
+        "--focus-frac",
+        type=float,
+        default=0.0,
+        help="fraction of every batch drawn from the position and color_attr tags (0 = tags "
+        "uniform)",
+    )
+    p2.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="start from this base's weights instead of a random init (a later stage of a "
+        "staged recipe)",
+    )
 
     g = sub.add_parser(
         "make-prompts",
@@ -470,6 +497,25 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
                 )
                 return 2
             noise[tag.strip()] = p
+    if not 0.0 <= args.focus_frac <= 1.0:
+        print(
+            f"flowpo: error: --focus-frac {args.focus_frac}: give a fraction in [0, 1]",
+            file=sys.stderr,
+        )
+        return 2
+    if args.contrast_weight < 0 or args.contrast_beta <= 0:
+        print(
+            "flowpo: error: --contrast-weight must be >= 0 and --contrast-beta > 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
+        print(
+            f"flowpo: error: --init-from {args.init_from}: not a model directory (no "
+            "model_index.json); give a base saved by pretrain-shapes",
+            file=sys.stderr,
+        )
+        return 2
     if args.snapshot:
         from flowpo.tasks.shapes.pretrain import save_snapshot
 
@@ -489,6 +535,10 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         sigma_shift=args.sigma_shift,
         aux_text_weight=args.aux_text_weight,
+        contrast_weight=args.contrast_weight,
+        contrast_beta=args.contrast_beta,
+        focus_frac=args.focus_frac,
+        init_from=args.init_from,
         caption_noise=noise,
         log=lambda m: print(m, flush=True),
     )

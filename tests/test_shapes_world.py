@@ -1,5 +1,6 @@
 """Shapes world: prompt generator and splits, renderer, detector and GenEval-rule scorer."""
 
+import json
 import math
 import random
 
@@ -235,8 +236,8 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
     assert (tmp_path / "pretrain_summary.json").is_file()
 
 
-@pytest.mark.parametrize("aux", [0.0, 1.0])
-def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux):
+@pytest.mark.parametrize("aux,contrast", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5)])
+def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contrast):
     """A run stopped after step 2 and resumed with --resume saves the same weights as one run
     straight through (weights, EMA, optimiser, RNG states and the auxiliary text heads are all
     restored)."""
@@ -251,6 +252,8 @@ def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux):
         save_every=10**9,
         compile=False,
         aux_text_weight=aux,
+        contrast_weight=contrast,
+        focus_frac=0.5 if contrast else 0.0,
     )
     pretrain(str(tmp_path / "a"), **kw, log=lambda m: m)
     assert pretrain(str(tmp_path / "b"), **kw, stop_at=2, log=lambda m: m) is None
@@ -262,6 +265,80 @@ def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     with pytest.raises(ValueError, match="settings differ"):
         pretrain(str(tmp_path / "b"), **{**kw, "steps": 6}, resume=True, log=lambda m: m)
+
+
+def test_counterfactual_prompts_are_world_prompts_that_misdescribe_the_scene():
+    """Every position and color_attr prompt gets a counterfactual that is itself a prompt of the
+    world, names the same words, and is false of every scene drawn for the original (the
+    relation fails, or a colour sits on the wrong shape); the other tags get none. Both kinds of
+    position counterfactual (relation flipped, shapes exchanged) occur."""
+    from flowpo.rewards.geneval_rules import OPPOSITE
+    from flowpo.tasks.shapes.pretrain import counterfactual_prompt
+
+    metas = {m["prompt"]: m for m in all_prompts()}
+    rng = random.Random(0)
+    kinds = set()
+    for m in metas.values():
+        q = counterfactual_prompt(m, rng)
+        if m["tag"] not in ("position", "color_attr"):
+            assert q is None
+            continue
+        assert q in metas and q != m["prompt"]
+        assert sorted(q.split()) == sorted(m["prompt"].split()) or m["tag"] == "position"
+        scene = render(m, 3)
+        assert score(detect(scene), m)[0] and not score(detect(scene), metas[q])[0], (m, q)
+        if m["tag"] == "position":
+            rel = m["include"][1]["position"][0]
+            kinds.add("flip" if OPPOSITE[rel] in q else "swap")
+    assert kinds == {"flip", "swap"}
+
+
+def test_caption_contrast_loss_prefers_the_true_caption():
+    """softplus(-beta (L_counter - L_true)): log 2 at a tie, near 0 when the true caption fits
+    much better, and its gradient lowers the true caption's error and raises the other's."""
+    from flowpo.tasks.shapes.pretrain import caption_contrast_loss
+
+    lt = torch.tensor([0.1, 0.1], requires_grad=True)
+    lc = torch.tensor([0.1, 0.2], requires_grad=True)
+    out = caption_contrast_loss(lt, lc, beta=100.0)
+    assert out.item() == pytest.approx((math.log(2) + math.log1p(math.exp(-10))) / 2)
+    out.backward()
+    assert (lt.grad > 0).all() and (lc.grad < 0).all()
+    assert lt.grad[0] > lt.grad[1]  # the tie is pushed hardest
+
+
+def test_pretrain_can_start_from_a_saved_base(tmp_path):
+    """A later stage (--init-from) starts from the saved base's weights: with a zero learning
+    rate its saved model equals the one it started from."""
+    from safetensors.torch import load_file
+
+    from flowpo.tasks.shapes.pretrain import pretrain
+
+    kw = dict(batch_size=4, eval_every=10**9, compile=False, log=lambda m: m)
+    pretrain(str(tmp_path / "a"), steps=2, **kw)
+    pretrain(str(tmp_path / "b"), steps=2, lr=0.0, init_from=str(tmp_path / "a"), **kw)
+    for sub in ("transformer/diffusion_pytorch_model", "text_encoder/model"):
+        a = load_file(tmp_path / "a" / f"{sub}.safetensors")
+        b = load_file(tmp_path / "b" / f"{sub}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    summary = json.loads((tmp_path / "b" / "pretrain_summary.json").read_text())
+    assert summary["init_from"] == str((tmp_path / "a").resolve())
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--focus-frac", "1.5"], "--focus-frac"),
+        (["--contrast-weight", "-1"], "--contrast-weight"),
+        (["--init-from", "nowhere"], "--init-from"),
+    ],
+)
+def test_pretrain_cli_names_the_fix_for_bad_stage_options(tmp_path, capsys, args, needle):
+    from flowpo.cli import main
+
+    assert main(["pretrain-shapes", str(tmp_path / "m"), *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_auxiliary_text_targets_name_each_shapes_colour_and_relation():

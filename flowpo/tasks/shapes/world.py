@@ -62,7 +62,7 @@ CELLS = SIZE // CELL  # cells per row: up to CELLS**2 = 16 objects
 GAP = 1  # minimum free pixels between objects, so components never touch (4-connectivity)
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -97,7 +97,7 @@ def all_prompts() -> list[dict[str, Any]]:
         for c in COLORS:
             add(
                 "colors",
-                f"a photo of {_article(c)} {c} {s}",
+                f"a photo of {article(c)} {c} {s}",
                 [{"class": s, "count": 1, "color": c}],
             )
     for a in SHAPES:
@@ -118,7 +118,7 @@ def all_prompts() -> list[dict[str, Any]]:
                         continue
                     add(
                         "color_attr",
-                        f"a photo of {_article(ca)} {ca} {a} and {_article(cb)} {cb} {b}",
+                        f"a photo of {article(ca)} {ca} {a} and {article(cb)} {cb} {b}",
                         [
                             {"class": a, "count": 1, "color": ca},
                             {"class": b, "count": 1, "color": cb},
