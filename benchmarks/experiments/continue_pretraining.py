@@ -35,6 +35,7 @@ from flowpo.tasks.shapes.pretrain import (
     caption_contrast_loss,
     counterfactual_prompt,
     encode_prompts,
+    flow_matching_sq_error,
 )
 from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe, text_sensitivity
 from flowpo.tasks.shapes.world import COLORS, TAGS, splits
@@ -112,15 +113,8 @@ for step in range(1, steps + 1):
         band = lo + (hi - lo) * torch.rand(bs)
         sigma = torch.where(torch.rand(bs) < args.band_frac, band, sigma)
     eps = torch.randn_like(x0)
-    s = sigma.view(-1, 1, 1, 1)
-    v = pipe.transformer(
-        hidden_states=(1 - s) * x0 + s * eps,
-        encoder_hidden_states=pe,
-        pooled_projections=pooled,
-        timestep=sigma * 1000,
-    ).sample
-    per = ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
-    loss = per.mean()
+    err = flow_matching_sq_error(pipe.transformer, x0, eps, sigma, pe, pooled)
+    loss = torch.mean(err)
     con = torch.zeros(())
     if args.contrast > 0:
         rows, counter = [], []
@@ -132,14 +126,12 @@ for step in range(1, steps + 1):
         if rows:
             idx = torch.tensor(rows)
             pe2, pooled2 = encode_prompts(pipe, counter)
-            v2 = pipe.transformer(
-                hidden_states=((1 - s) * x0 + s * eps)[idx],
-                encoder_hidden_states=pe2,
-                pooled_projections=pooled2,
-                timestep=sigma[idx] * 1000,
-            ).sample
-            per2 = ((v2 - (eps - x0)[idx]) ** 2).mean(dim=(1, 2, 3))
-            con = caption_contrast_loss(per[idx], per2, args.beta)
+            err2 = flow_matching_sq_error(
+                pipe.transformer, x0[idx], eps[idx], sigma[idx], pe2, pooled2
+            )
+            con = caption_contrast_loss(
+                err[idx].mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), args.beta
+            )
     aux = (
         aux_text_loss(heads, pe, aux_text_targets(pipe, metas, prompts))
         if heads

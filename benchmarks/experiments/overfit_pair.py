@@ -22,7 +22,13 @@ from flowpo.models.resolve import SHAPES_BASE
 from flowpo.rewards.geneval_rules import relation_alignment
 from flowpo.sde import shift_sigmas
 from flowpo.tasks.shapes.detect import detect, score
-from flowpo.tasks.shapes.pretrain import _images, encode_prompts, ode_samples
+from flowpo.tasks.shapes.pretrain import (
+    _images,
+    caption_contrast_loss,
+    encode_prompts,
+    flow_matching_sq_error,
+    ode_samples,
+)
 from flowpo.tasks.shapes.world import all_prompts
 
 PAIRS = {
@@ -96,28 +102,15 @@ for step in range(1, args.steps + 1):
     ln = torch.sigmoid(torch.randn(args.batch))
     sigma = shift_sigmas(torch.where(u < 0.5, torch.rand(args.batch), ln), 1.0)
     eps = torch.randn_like(x0)
-    s = sigma.view(-1, 1, 1, 1)
-    v = pipe.transformer(
-        hidden_states=(1 - s) * x0 + s * eps,
-        encoder_hidden_states=pe,
-        pooled_projections=pooled,
-        timestep=sigma * 1000,
-    ).sample
-    per = ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
-    loss = per.mean()
+    err = flow_matching_sq_error(pipe.transformer, x0, eps, sigma, pe, pooled)
+    loss = torch.mean(err)
     total = loss
     if args.contrast > 0:  # the other prompt of the pair must fit this scene worse
         other = [pair[1 - pair.index(m)]["prompt"] for m in batch]
         pe2, pooled2 = encode_prompts(pipe, other)
-        v2 = pipe.transformer(
-            hidden_states=(1 - s) * x0 + s * eps,
-            encoder_hidden_states=pe2,
-            pooled_projections=pooled2,
-            timestep=sigma * 1000,
-        ).sample
-        per2 = ((v2 - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
-        total = (
-            loss + args.contrast * torch.nn.functional.softplus(-args.beta * (per2 - per)).mean()
+        err2 = flow_matching_sq_error(pipe.transformer, x0, eps, sigma, pe2, pooled2)
+        total = loss + args.contrast * caption_contrast_loss(
+            err.mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), args.beta
         )
     opt.zero_grad(set_to_none=True)
     total.backward()

@@ -272,6 +272,19 @@ def aux_text_loss(heads: dict, pe: torch.Tensor, targets: dict) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else pe.new_zeros(())
 
 
+def flow_matching_sq_error(forward, x0, eps, sigma, pe, pooled) -> torch.Tensor:
+    """Elementwise squared error of the rectified-flow velocity at x_sigma = (1 - sigma) x0 +
+    sigma eps (target eps - x0); `forward` is the transformer (or its compiled form)."""
+    s = sigma.view(-1, 1, 1, 1)
+    v = forward(
+        hidden_states=(1 - s) * x0 + s * eps,
+        encoder_hidden_states=pe,
+        pooled_projections=pooled,
+        timestep=sigma * 1000,
+    ).sample
+    return (v - (eps - x0)) ** 2
+
+
 def counterfactual_prompt(meta: dict, rng: random.Random) -> str | None:
     """A prompt of the world that names the same words as `meta`'s but does not describe its
     scene: a position caption with its relation flipped or its two shapes exchanged (one of the
@@ -476,16 +489,8 @@ def pretrain(
             torch.where(u < uniform_sigma, torch.rand(batch_size), ln), sigma_shift
         )
         eps = torch.randn_like(x0)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * eps
-        v = forward(
-            hidden_states=xt,
-            encoder_hidden_states=pe,
-            pooled_projections=pooled,
-            timestep=sigma * 1000,
-        ).sample
-        per_sample = ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
-        loss = per_sample.mean()
+        err = flow_matching_sq_error(forward, x0, eps, sigma, pe, pooled)
+        loss = torch.mean(err)
         total = loss
         if contrast_weight > 0:
             rows, counter = [], []
@@ -498,19 +503,15 @@ def pretrain(
             if rows:
                 idx = torch.tensor(rows)
                 pe2, pooled2 = encode_prompts(pipe, counter)
-                v2 = forward(
-                    hidden_states=xt[idx],
-                    encoder_hidden_states=pe2,
-                    pooled_projections=pooled2,
-                    timestep=sigma[idx] * 1000,
-                ).sample
-                per2 = ((v2 - (eps - x0)[idx]) ** 2).mean(dim=(1, 2, 3))
-                con = caption_contrast_loss(per_sample[idx], per2, contrast_beta)
+                err2 = flow_matching_sq_error(forward, x0[idx], eps[idx], sigma[idx], pe2, pooled2)
+                con = caption_contrast_loss(
+                    err[idx].mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), contrast_beta
+                )
             total = total + contrast_weight * con
             ema_con = con.item() if ema_con is None else 0.98 * ema_con + 0.02 * con.item()
         if heads:
             aux = aux_text_loss(heads, pe, aux_text_targets(pipe, metas, prompts, token_cache))
-            total = loss + aux_text_weight * aux
+            total = total + aux_text_weight * aux
             ema_aux = aux.item() if ema_aux is None else 0.98 * ema_aux + 0.02 * aux.item()
         frac = step / steps
         for g in opt.param_groups:  # warmup, then cosine to 10% over the steps
