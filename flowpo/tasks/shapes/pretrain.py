@@ -28,6 +28,12 @@ come from the caption, never from the (possibly mis-described) scene. Measured w
 step 0: the tokens learn it, but the transformer still does not place by the relation and the
 base draws worse, so it is off by default and the committed base is trained without it.
 
+With `contrast_weight > 0` each position and color_attr scene drawn to match its caption must
+also be denoised better under that caption than under a counterfactual naming the same words
+(`counterfactual_prompt`, `caption_contrast_loss`). Measured as a second stage from the committed
+base (`init_from`, `focus_frac` 0.5, clean captions for those tags): it teaches the colour
+binding within a few hundred steps, not yet the placement by a relation; off by default.
+
 The directory is a StableDiffusion3Pipeline layout with `"vae": [null, null]`: the SD3 adapter
 treats such a model as pixel space (latents are images in [-1, 1]).
 """
