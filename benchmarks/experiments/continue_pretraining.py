@@ -22,7 +22,6 @@ import random
 import time
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from flowpo.models.resolve import SHAPES_BASE
 from flowpo.sde import shift_sigmas
@@ -36,6 +35,8 @@ from flowpo.tasks.shapes.pretrain import (
     counterfactual_prompt,
     encode_prompts,
     flow_matching_sq_error,
+    load_base,
+    trained_modules,
 )
 from flowpo.tasks.shapes.probe import binding_probe, ode_sampler, relation_probe, text_sensitivity
 from flowpo.tasks.shapes.world import COLORS, TAGS, splits
@@ -57,9 +58,8 @@ steps, lr, aux_w, clean = args.steps, args.lr, args.aux_w, args.clean == "clean"
 bs = 64
 torch.manual_seed(0)
 rng = random.Random(0)
-pipe = StableDiffusion3Pipeline.from_pretrained(str(SHAPES_BASE), vae=None, local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+pipe = load_base(SHAPES_BASE)
+mods = trained_modules(pipe)
 params = [p for m in mods for p in m.parameters()]
 heads = {}
 if aux_w > 0:  # created only then: the control keeps the same random streams without them

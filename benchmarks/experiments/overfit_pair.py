@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from flowpo.models.resolve import SHAPES_BASE
 from flowpo.rewards.geneval_rules import relation_alignment
@@ -27,7 +26,9 @@ from flowpo.tasks.shapes.pretrain import (
     caption_contrast_loss,
     encode_prompts,
     flow_matching_sq_error,
+    load_base,
     ode_samples,
+    trained_modules,
 )
 from flowpo.tasks.shapes.world import all_prompts
 
@@ -53,9 +54,8 @@ metas = {m["prompt"]: m for m in all_prompts()}
 pair = [metas[p] for p in PAIRS[args.pair]]
 torch.manual_seed(0)
 rng = random.Random(0)
-pipe = StableDiffusion3Pipeline.from_pretrained(str(SHAPES_BASE), vae=None, local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+pipe = load_base(SHAPES_BASE)
+mods = trained_modules(pipe)
 params = [p for m in mods for p in m.parameters()]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
 

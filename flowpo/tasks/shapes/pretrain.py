@@ -117,6 +117,24 @@ def build_base(seed: int = 0, sigma_shift: float = SIGMA_SHIFT) -> Any:
     )
 
 
+TRAINED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def trained_modules(pipe) -> list[torch.nn.Module]:
+    """The modules pretraining trains (and saves the EMA of): the transformer and the three
+    text encoders."""
+    return [getattr(pipe, n) for n in TRAINED]
+
+
+def load_base(path) -> Any:
+    """A saved base (pixel space, no VAE) loaded from a local directory, progress bars off."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), vae=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def noisy_scene_meta(meta: dict, rng: random.Random, noise: dict[str, float]) -> dict:
     """The metadata of the scene drawn for a caption: `meta` itself, or for a noisy caption
     the scene it mis-describes (free placement, a count off by one, swapped colours)."""
@@ -358,18 +376,10 @@ def pretrain(
     sp = splits()
     by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
     pipe = build_base(seed, sigma_shift)
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    modules = trained_modules(pipe)
     if init_from:  # a later stage of a staged recipe: start from a saved base's weights
-        from diffusers import StableDiffusion3Pipeline
-
-        src = StableDiffusion3Pipeline.from_pretrained(
-            str(init_from), vae=None, local_files_only=True
-        )
-        for m, n in zip(
-            modules, ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
-        ):
-            m.load_state_dict(getattr(src, n).state_dict())
-        del src
+        for m, src in zip(modules, trained_modules(load_base(init_from))):
+            m.load_state_dict(src.state_dict())
     params = [p for m in modules for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     for m in modules:
@@ -474,13 +484,14 @@ def pretrain(
     bar = tqdm(total=steps, initial=step, desc="pretrain", disable=not sys.stderr.isatty())
     while step < steps:
         # tags sampled uniformly so the rare ones (single/two object) are seen as often
-        if focus_frac > 0:  # a fraction of the batch from the two tags that need word order
-            metas = [
-                rng.choice(by_tag[rng.choice(FOCUS_TAGS if rng.random() < focus_frac else TAGS)])
-                for _ in range(batch_size)
-            ]
-        else:
-            metas = [rng.choice(by_tag[rng.choice(TAGS)]) for _ in range(batch_size)]
+        # (focus_frac: a share from the two tags that need word order; no draw when 0, so the
+        # committed recipe keeps its random stream)
+        metas = [
+            rng.choice(
+                by_tag[rng.choice(FOCUS_TAGS if focus_frac and rng.random() < focus_frac else TAGS)]
+            )
+            for _ in range(batch_size)
+        ]
         matched: list[bool] = []
         x0 = _images(metas, rng, noise, matched)
         # empty prompts teach the unconditional velocity, so CFG can be used at sampling
@@ -588,7 +599,7 @@ def save_snapshot(state_dir: str, out_dir: str) -> int:
     st = torch.load(Path(state_dir) / STATE_FILE, weights_only=False)  # our own file
     cfg = st["settings"]
     pipe = build_base(cfg["seed"], cfg["sigma_shift"])
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    modules = trained_modules(pipe)
     with torch.no_grad():
         for p, e in zip([p for m in modules for p in m.parameters()], st["ema"]):
             p.copy_(e)
