@@ -181,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
         help="scale of the per-sample error difference inside the contrast's softplus",
     )
     p2.add_argument(
+        "--contrast-sigma-min",
+        type=float,
+        default=0.0,
+        help="draw the contrast's noise levels uniformly from [this, 1] (the band where the noisy "
+        "image does not show the layout yet) instead of sharing the batch's; 0 = share",
+    )
+    p2.add_argument(
         "--focus-frac",
         type=float,
         default=0.0,
@@ -509,6 +516,13 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0.0 <= args.contrast_sigma_min < 1.0:
+        print(
+            f"flowpo: error: --contrast-sigma-min {args.contrast_sigma_min}: give a noise level "
+            "in [0, 1) (0 = the batch's own)",
+            file=sys.stderr,
+        )
+        return 2
     if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
         print(
             f"flowpo: error: --init-from {args.init_from}: not a model directory (no "
@@ -537,6 +551,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         aux_text_weight=args.aux_text_weight,
         contrast_weight=args.contrast_weight,
         contrast_beta=args.contrast_beta,
+        contrast_sigma_min=args.contrast_sigma_min,
         focus_frac=args.focus_frac,
         init_from=args.init_from,
         caption_noise=noise,

@@ -236,8 +236,10 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
     assert (tmp_path / "pretrain_summary.json").is_file()
 
 
-@pytest.mark.parametrize("aux,contrast", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5)])
-def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contrast):
+@pytest.mark.parametrize(
+    "aux,contrast,band", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.5, 0.7)]
+)
+def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contrast, band):
     """A run stopped after step 2 and resumed with --resume saves the same weights as one run
     straight through (weights, EMA, optimiser, RNG states and the auxiliary text heads are all
     restored)."""
@@ -253,6 +255,7 @@ def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contra
         compile=False,
         aux_text_weight=aux,
         contrast_weight=contrast,
+        contrast_sigma_min=band,
         focus_frac=0.5 if contrast else 0.0,
     )
     pretrain(str(tmp_path / "a"), **kw, log=lambda m: m)
@@ -330,6 +333,7 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
     [
         (["--focus-frac", "1.5"], "--focus-frac"),
         (["--contrast-weight", "-1"], "--contrast-weight"),
+        (["--contrast-sigma-min", "1.0"], "--contrast-sigma-min"),
         (["--init-from", "nowhere"], "--init-from"),
     ],
 )

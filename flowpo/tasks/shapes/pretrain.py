@@ -357,6 +357,7 @@ def pretrain(
     aux_text_weight: float = 0.0,
     contrast_weight: float = 0.0,
     contrast_beta: float = 100.0,
+    contrast_sigma_min: float = 0.0,
     focus_frac: float = 0.0,
     init_from: str | None = None,
     resume: bool = False,
@@ -415,6 +416,8 @@ def pretrain(
         settings["aux_text_weight"] = aux_text_weight
     if contrast_weight > 0:
         settings.update(contrast_weight=contrast_weight, contrast_beta=contrast_beta)
+        if contrast_sigma_min > 0:
+            settings["contrast_sigma_min"] = contrast_sigma_min
     if focus_frac > 0:
         settings["focus_frac"] = focus_frac
     if init_from:
@@ -520,9 +523,17 @@ def pretrain(
             if rows:
                 idx = torch.tensor(rows)
                 pe2, pooled2 = encode_prompts(pipe, counter)
-                err2 = flow_matching_sq_error(forward, x0[idx], eps[idx], sigma[idx], pe2, pooled2)
+                if contrast_sigma_min > 0:  # own noise levels in [min, 1]: the band where the
+                    # noisy image does not show the layout yet, so only the caption can tell
+                    sig_c = contrast_sigma_min + (1 - contrast_sigma_min) * torch.rand(len(rows))
+                    true_c = flow_matching_sq_error(
+                        forward, x0[idx], eps[idx], sig_c, pe[idx], pooled[idx]
+                    )
+                else:
+                    sig_c, true_c = sigma[idx], err[idx]
+                err2 = flow_matching_sq_error(forward, x0[idx], eps[idx], sig_c, pe2, pooled2)
                 con = caption_contrast_loss(
-                    err[idx].mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), contrast_beta
+                    true_c.mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), contrast_beta
                 )
             total = total + contrast_weight * con
             ema_con = con.item() if ema_con is None else 0.98 * ema_con + 0.02 * con.item()
