@@ -12,6 +12,9 @@ where the base already has reward spread?
     # 3. the table of every row so far (markdown), sorted by the rise in accuracy
     python benchmarks/bench_learning.py table
 
+    # another base: its own prompt file and table (top-level options, before the subcommand)
+    python benchmarks/bench_learning.py --prompts P.jsonl --csv T.csv select --model DIR
+
 Each row: accuracy before and after with binomial standard errors (prompt-level samples are
 independent seeds), the change in points, the training reward's mean over the first and the last
 5 epochs (with their std over epochs) and its least-squares slope per epoch, the rollouts' strict
@@ -104,8 +107,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     )
     rows = per_prompt_success(out)
     picked = [m for m, p, _ in rows if args.low <= p <= args.high]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    PROMPTS.write_text("".join(json.dumps(m) + "\n" for m in picked))
+    args.prompts.parent.mkdir(parents=True, exist_ok=True)
+    args.prompts.write_text("".join(json.dumps(m) + "\n" for m in picked))
     tags: dict[str, int] = {}
     for m in picked:
         tags[m["tag"]] = tags.get(m["tag"], 0) + 1
@@ -113,7 +116,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     print(
         f"{len(picked)} of {len(rows)} training prompts have a base success rate in "
         f"[{args.low}, {args.high}] ({args.seeds} seeds); per tag {tags}; mean rate over all "
-        f"training prompts {sum(rates) / len(rates):.3f}. Wrote {PROMPTS}"
+        f"training prompts {sum(rates) / len(rates):.3f}. Wrote {args.prompts}"
     )
 
 
@@ -134,8 +137,8 @@ def _se(p: float, n: int) -> float:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    if not PROMPTS.is_file():
-        sys.exit(f"no {PROMPTS}: run `python benchmarks/bench_learning.py select` first")
+    if not args.prompts.is_file():
+        sys.exit(f"no {args.prompts}: run `python benchmarks/bench_learning.py select` first")
     run_name = f"bench_{args.name}"
     run_dir = Path(args.work) / run_name
     t0 = time.time()
@@ -143,8 +146,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         "train",
         "-c",
         str(args.recipe),
-        f"--rollout.prompt_file={PROMPTS}",
-        f"--eval.prompt_file={PROMPTS}",
+        f"--rollout.prompt_file={args.prompts}",
+        f"--eval.prompt_file={args.prompts}",
         "--eval.num_prompts=0",
         f"--eval.seeds={_seeds(args.seeds)}",
         f"--eval.every={10**6}",
@@ -195,8 +198,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
     del ab, aa  # GenEval's tag mean is in summary.json; the benchmark pools samples
-    new = not CSV.is_file()
-    with CSV.open("a", newline="") as f:
+    new = not args.csv.is_file()
+    with args.csv.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
@@ -212,7 +215,7 @@ def _pooled(ev: dict) -> float:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    rows = list(csv.DictReader(CSV.open()))
+    rows = list(csv.DictReader(args.csv.open()))
     rows.sort(key=lambda r: -float(r["change_pt"]))
     print(
         "| name | overrides | epochs | before | after | change | reward first5 -> last5 "
@@ -234,6 +237,13 @@ def cmd_table(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default=os.environ.get("FLOWPO_BENCH_WORK", "runs/bench_learning"))
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=PROMPTS,
+        help="the selected prompts (written by select, read by run); another file for another base",
+    )
+    p.add_argument("--csv", type=Path, default=CSV, help="the results table run appends to")
     sub = p.add_subparsers(dest="cmd", required=True)
     recipe_help = "recipe (default: the default job's, configs/shapes_nft.yaml)"
     s = sub.add_parser("select")
