@@ -3,9 +3,10 @@ apart, when it is trained on nothing else? Continues the base with the pretraini
 captions, the pretraining's noise-level distribution) on a fixed prompt pair and samples each
 prompt with 32 seeds every N steps. docs/results.md, "Why position and color_attr do not move".
 
-    OMP_NUM_THREADS=1 python benchmarks/experiments/overfit_pair.py position|binding STEPS LR [--every N]
+    OMP_NUM_THREADS=1 python benchmarks/experiments/overfit_pair.py position|position4|binding STEPS LR [--every N]
 
-`position`: "a photo of a circle above a square" and "... below ..."; `binding`: "a photo of a
+`position`: "a photo of a circle above a square" and "... below ..." (`position4`: that pair and
+three more, each prompt's partner its counterfactual); `binding`: "a photo of a
 red circle and a blue square" and its colour swap. Prints, per prompt, GenEval's strict accuracy,
 and the mean relation alignment (position) or the bound / swapped fractions (binding) over the
 samples in which both shapes are found. The weights are not saved."""
@@ -34,6 +35,18 @@ from flowpo.tasks.shapes.world import all_prompts
 
 PAIRS = {
     "position": ["a photo of a circle above a square", "a photo of a circle below a square"],
+    # four pairs at once (each prompt's counterfactual is its pair partner): does placing by the
+    # relation scale past one pair?
+    "position4": [
+        "a photo of a circle above a square",
+        "a photo of a circle below a square",
+        "a photo of a triangle left of a diamond",
+        "a photo of a triangle right of a diamond",
+        "a photo of a ring above a triangle",
+        "a photo of a ring below a triangle",
+        "a photo of a square left of a circle",
+        "a photo of a square right of a circle",
+    ],
     "binding": [
         "a photo of a red circle and a blue square",
         "a photo of a blue circle and a red square",
@@ -64,13 +77,14 @@ def report(step: int) -> None:
     for m in mods:
         m.eval()
     imgs = ode_samples(pipe, [m["prompt"] for m in pair], list(range(32)))
+    position = args.pair.startswith("position")
     parts = []
     for i, m in enumerate(pair):
         oks, stat = [], []
         for im in imgs[i * 32 : (i + 1) * 32]:
             dets = detect(im)
             oks.append(score(dets, m)[0])
-            if args.pair == "position":
+            if position:
                 ref, placed = m["include"]
                 a = [d for d in dets if d.shape == placed["class"]]
                 b = [d for d in dets if d.shape == ref["class"]]
@@ -82,7 +96,7 @@ def report(step: int) -> None:
                 col2 = {d.color for d in dets if d.shape == s2}
                 if col1 & {c1, c2} and col2 & {c1, c2}:
                     stat.append((c1 in col1 and c2 in col2) - (c2 in col1 and c1 in col2))
-        what = "alignment" if args.pair == "position" else "bound-swapped"
+        what = "alignment" if position else "bound-swapped"
         parts.append(
             f"[{m['prompt'][12:]}] acc {np.mean(oks):.3f} {what} "
             f"{np.mean(stat) if stat else float('nan'):.3f} (n {len(stat)})"
@@ -95,7 +109,7 @@ def report(step: int) -> None:
 report(0)
 t0 = time.time()
 for step in range(1, args.steps + 1):
-    batch = [pair[rng.randrange(2)] for _ in range(args.batch)]
+    batch = [pair[rng.randrange(len(pair))] for _ in range(args.batch)]
     x0 = _images(batch, rng)
     pe, pooled = encode_prompts(pipe, [m["prompt"] for m in batch])
     u = torch.rand(args.batch)
@@ -106,7 +120,7 @@ for step in range(1, args.steps + 1):
     loss = torch.mean(err)
     total = loss
     if args.contrast > 0:  # the other prompt of the pair must fit this scene worse
-        other = [pair[1 - pair.index(m)]["prompt"] for m in batch]
+        other = [pair[pair.index(m) ^ 1]["prompt"] for m in batch]
         pe2, pooled2 = encode_prompts(pipe, other)
         err2 = flow_matching_sq_error(pipe.transformer, x0, eps, sigma, pe2, pooled2)
         total = loss + args.contrast * caption_contrast_loss(
