@@ -476,6 +476,25 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_stage_option(args: argparse.Namespace) -> str | None:
+    """What is wrong with pretrain-shapes' staged-recipe options (the first problem), or None."""
+    if not 0.0 <= args.focus_frac <= 1.0:
+        return f"--focus-frac {args.focus_frac}: give a fraction in [0, 1]"
+    if args.contrast_weight < 0 or args.contrast_beta <= 0:
+        return "--contrast-weight must be >= 0 and --contrast-beta > 0"
+    if not 0.0 <= args.contrast_sigma_min < 1.0:
+        return (
+            f"--contrast-sigma-min {args.contrast_sigma_min}: give a noise level in [0, 1) "
+            "(0 = the batch's own)"
+        )
+    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
+        return (
+            f"--init-from {args.init_from}: not a model directory (no model_index.json); give "
+            "a base saved by pretrain-shapes"
+        )
+    return None
+
+
 def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     from flowpo.tasks.shapes.pretrain import pretrain
 
@@ -504,31 +523,9 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
                 )
                 return 2
             noise[tag.strip()] = p
-    if not 0.0 <= args.focus_frac <= 1.0:
-        print(
-            f"flowpo: error: --focus-frac {args.focus_frac}: give a fraction in [0, 1]",
-            file=sys.stderr,
-        )
-        return 2
-    if args.contrast_weight < 0 or args.contrast_beta <= 0:
-        print(
-            "flowpo: error: --contrast-weight must be >= 0 and --contrast-beta > 0",
-            file=sys.stderr,
-        )
-        return 2
-    if not 0.0 <= args.contrast_sigma_min < 1.0:
-        print(
-            f"flowpo: error: --contrast-sigma-min {args.contrast_sigma_min}: give a noise level "
-            "in [0, 1) (0 = the batch's own)",
-            file=sys.stderr,
-        )
-        return 2
-    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
-        print(
-            f"flowpo: error: --init-from {args.init_from}: not a model directory (no "
-            "model_index.json); give a base saved by pretrain-shapes",
-            file=sys.stderr,
-        )
+    bad = _bad_stage_option(args)
+    if bad:
+        print(f"flowpo: error: {bad}", file=sys.stderr)
         return 2
     if args.snapshot:
         from flowpo.tasks.shapes.pretrain import save_snapshot
