@@ -464,5 +464,8 @@ def test_nft_zero3_matches_zero2_on_two_ranks_with_the_old_policy_swapped_in(two
     ema3 = load_file(str(runs["z3"].run_dir / ckpt / "trainable_ema.safetensors"))
     now3 = load_file(str(runs["z3"].run_dir / ckpt / "trainable.safetensors"))
     assert max(float((ema3[k] - now3[k]).abs().max()) for k in now3) > 1e-3
+    # the two stages reduce gradients in different orders, and 3 Adam epochs can carry that to
+    # ~1e-5 in one element (1.5e-5 measured on an AMD EPYC host): the bound stays 20x below the
+    # EMA-vs-current separation asserted above, so exporting the current weights still fails
     for k, w in ema2.items():
-        torch.testing.assert_close(ema3[k], w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ema3[k], w, atol=5e-5, rtol=0)
