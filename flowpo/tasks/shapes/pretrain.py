@@ -33,6 +33,8 @@ also be denoised better under that caption than under a counterfactual naming th
 (`counterfactual_prompt`, `caption_contrast_loss`). Measured as a second stage from the committed
 base (`init_from`, `focus_frac` 0.5, clean captions for those tags): it teaches the colour
 binding within a few hundred steps, not yet the placement by a relation; off by default.
+`contrast_sigma_min` moves the contrast to noise levels in [min, 1], where only the caption can
+tell the layout (measured with 0.7: no placement either, weaker binding, worse drawing).
 
 The directory is a StableDiffusion3Pipeline layout with `"vae": [null, null]`: the SD3 adapter
 treats such a model as pixel space (latents are images in [-1, 1]).
