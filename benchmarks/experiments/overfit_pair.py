@@ -6,7 +6,8 @@ prompt with 32 seeds every N steps. docs/results.md, "Why position and color_att
     OMP_NUM_THREADS=1 python benchmarks/experiments/overfit_pair.py position|position4|binding STEPS LR [--every N]
 
 `position`: "a photo of a circle above a square" and "... below ..." (`position4`: that pair and
-three more, each prompt's partner its counterfactual); `binding`: "a photo of a
+three more, each prompt's partner its counterfactual; `position16`: 16 such pairs of training
+prompts); `binding`: "a photo of a
 red circle and a blue square" and its colour swap. Prints, per prompt, GenEval's strict accuracy,
 and the mean relation alignment (position) or the bound / swapped fractions (binding) over the
 samples in which both shapes are found. The weights are not saved."""
@@ -31,7 +32,7 @@ from flowpo.tasks.shapes.pretrain import (
     ode_samples,
     trained_modules,
 )
-from flowpo.tasks.shapes.world import all_prompts
+from flowpo.tasks.shapes.world import all_prompts, splits
 
 PAIRS = {
     "position": ["a photo of a circle above a square", "a photo of a circle below a square"],
@@ -54,7 +55,7 @@ PAIRS = {
 }
 
 ap = argparse.ArgumentParser()
-ap.add_argument("pair", choices=sorted(PAIRS))
+ap.add_argument("pair", choices=sorted(PAIRS) + ["position16"])
 ap.add_argument("steps", type=int)
 ap.add_argument("lr", type=float)
 ap.add_argument("--every", type=int, default=100)
@@ -64,6 +65,11 @@ ap.add_argument("--beta", type=float, default=1000.0)
 args = ap.parse_args()
 
 metas = {m["prompt"]: m for m in all_prompts()}
+if args.pair == "position16":  # 16 pairs: the first training prompts whose flipped twin trains too
+    train = [m["prompt"] for m in splits()["train"] if m["tag"] == "position"]
+    flips = [(" left of ", " right of "), (" above ", " below ")]
+    twins = [(p, p.replace(a, b)) for p in train for a, b in flips if a in p]
+    PAIRS["position16"] = [q for p, t in twins if t in train for q in (p, t)][:32]
 pair = [metas[p] for p in PAIRS[args.pair]]
 torch.manual_seed(0)
 rng = random.Random(0)
