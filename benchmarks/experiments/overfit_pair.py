@@ -3,14 +3,13 @@ apart, when it is trained on nothing else? Continues the base with the pretraini
 captions, the pretraining's noise-level distribution) on a fixed prompt pair and samples each
 prompt with 32 seeds every N steps. docs/results.md, "Why position and color_attr do not move".
 
-    OMP_NUM_THREADS=1 python benchmarks/experiments/overfit_pair.py position|position4|binding STEPS LR [--every N]
+    OMP_NUM_THREADS=1 python benchmarks/experiments/overfit_pair.py PAIRS STEPS LR [--every N]
 
-`position`: "a photo of a circle above a square" and "... below ..." (`position4`: that pair and
-three more, each prompt's partner its counterfactual; `position16`: 16 such pairs of training
-prompts); `binding`: "a photo of a
-red circle and a blue square" and its colour swap. Prints, per prompt, GenEval's strict accuracy,
-and the mean relation alignment (position) or the bound / swapped fractions (binding) over the
-samples in which both shapes are found. The weights are not saved."""
+PAIRS is `position`: "a photo of a circle above a square" and "... below ..."; `position4`: that
+pair and three more, each prompt's partner its counterfactual; `position16`: 16 such pairs of
+training prompts; or `binding`: "a photo of a red circle and a blue square" and its colour swap.
+Prints, per prompt, GenEval's strict accuracy, and the mean relation alignment (position) or the
+bound / swapped fractions (binding) over the samples in which both shapes are found. The weights are not saved."""
 
 import argparse
 import random
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from flowpo.models.resolve import SHAPES_BASE
-from flowpo.rewards.geneval_rules import relation_alignment
+from flowpo.rewards.geneval_rules import OPPOSITE, relation_alignment
 from flowpo.sde import shift_sigmas
 from flowpo.tasks.shapes.detect import detect, score
 from flowpo.tasks.shapes.pretrain import (
@@ -64,13 +63,24 @@ ap.add_argument("--contrast", type=float, default=0.0)
 ap.add_argument("--beta", type=float, default=1000.0)
 args = ap.parse_args()
 
+
+def training_pairs(n: int) -> list[str]:
+    """The first n training position prompts whose relation-flipped twin is also a training
+    prompt, each followed by that twin."""
+    train = [m for m in splits()["train"] if m["tag"] == "position"]
+    names = {m["prompt"] for m in train}
+    out: list[str] = []
+    for m in train:
+        rel = m["include"][1]["position"][0]
+        twin = m["prompt"].replace(f" {rel} ", f" {OPPOSITE[rel]} ")
+        if twin in names and m["prompt"] not in out:
+            out += [m["prompt"], twin]
+    return out[: 2 * n]
+
+
 metas = {m["prompt"]: m for m in all_prompts()}
-if args.pair == "position16":  # 16 pairs: the first training prompts whose flipped twin trains too
-    train = [m["prompt"] for m in splits()["train"] if m["tag"] == "position"]
-    flips = [(" left of ", " right of "), (" above ", " below ")]
-    twins = [(p, p.replace(a, b)) for p in train for a, b in flips if a in p]
-    PAIRS["position16"] = [q for p, t in twins if t in train for q in (p, t)][:32]
-pair = [metas[p] for p in PAIRS[args.pair]]
+chosen = training_pairs(16) if args.pair == "position16" else PAIRS[args.pair]
+pair = [metas[p] for p in chosen]
 torch.manual_seed(0)
 rng = random.Random(0)
 pipe = load_base(SHAPES_BASE)
