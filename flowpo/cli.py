@@ -191,8 +191,13 @@ def _parser() -> argparse.ArgumentParser:
         "--focus-frac",
         type=float,
         default=0.0,
-        help="fraction of every batch drawn from the position and color_attr tags (0 = tags "
-        "uniform)",
+        help="fraction of every batch drawn from the --focus-tags (0 = tags uniform)",
+    )
+    p2.add_argument(
+        "--focus-tags",
+        default="position,color_attr",
+        metavar="TAG,...",
+        help="the tags --focus-frac draws from (default: the two that need word order)",
     )
     p2.add_argument(
         "--init-from",
@@ -480,6 +485,11 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
     """What is wrong with pretrain-shapes' staged-recipe options (the first problem), or None."""
     if not 0.0 <= args.focus_frac <= 1.0:
         return f"--focus-frac {args.focus_frac}: give a fraction in [0, 1]"
+    from flowpo.tasks.shapes.world import TAGS
+
+    tags = [t.strip() for t in args.focus_tags.split(",")]
+    if not tags or any(t not in TAGS for t in tags):
+        return f"--focus-tags {args.focus_tags}: give a comma-separated list of {', '.join(TAGS)}"
     if args.contrast_weight < 0 or args.contrast_beta <= 0:
         return "--contrast-weight must be >= 0 and --contrast-beta > 0"
     if not 0.0 <= args.contrast_sigma_min < 1.0:
@@ -550,6 +560,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         contrast_beta=args.contrast_beta,
         contrast_sigma_min=args.contrast_sigma_min,
         focus_frac=args.focus_frac,
+        focus_tags=tuple(t.strip() for t in args.focus_tags.split(",")),
         init_from=args.init_from,
         caption_noise=noise,
         log=lambda m: print(m, flush=True),

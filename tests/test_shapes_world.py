@@ -332,6 +332,7 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
     "args,needle",
     [
         (["--focus-frac", "1.5"], "--focus-frac"),
+        (["--focus-frac", "0.5", "--focus-tags", "position,relations"], "--focus-tags"),
         (["--contrast-weight", "-1"], "--contrast-weight"),
         (["--contrast-sigma-min", "1.0"], "--contrast-sigma-min"),
         (["--init-from", "nowhere"], "--init-from"),

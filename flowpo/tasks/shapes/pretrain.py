@@ -361,6 +361,7 @@ def pretrain(
     contrast_beta: float = 100.0,
     contrast_sigma_min: float = 0.0,
     focus_frac: float = 0.0,
+    focus_tags: tuple[str, ...] = FOCUS_TAGS,
     init_from: str | None = None,
     resume: bool = False,
     stop_at: int = 0,
@@ -422,6 +423,8 @@ def pretrain(
             settings["contrast_sigma_min"] = contrast_sigma_min
     if focus_frac > 0:
         settings["focus_frac"] = focus_frac
+        if tuple(focus_tags) != FOCUS_TAGS:
+            settings["focus_tags"] = list(focus_tags)
     if init_from:
         settings["init_from"] = str(Path(init_from).resolve())
     if resume:
@@ -486,14 +489,15 @@ def pretrain(
     # 64 on one thread); evaluation runs the eager module (other batch sizes, no recompiles).
     # Compiled and eager kernels round differently, so `compile` is part of the settings.
     forward = torch.compile(pipe.transformer) if compile else pipe.transformer
+    focus = tuple(focus_tags)
     bar = tqdm(total=steps, initial=step, desc="pretrain", disable=not sys.stderr.isatty())
     while step < steps:
         # tags sampled uniformly so the rare ones (single/two object) are seen as often
-        # (focus_frac: a share from the two tags that need word order; no draw when 0, so the
-        # committed recipe keeps its random stream)
+        # (focus_frac: a share from focus_tags, by default the two tags that need word order;
+        # no draw when 0, so the committed recipe keeps its random stream)
         metas = [
             rng.choice(
-                by_tag[rng.choice(FOCUS_TAGS if focus_frac and rng.random() < focus_frac else TAGS)]
+                by_tag[rng.choice(focus if focus_frac and rng.random() < focus_frac else TAGS)]
             )
             for _ in range(batch_size)
         ]
