@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         for cfg in args.cfg:
             sampler = render_sampler() if pipe is None else ode_sampler(pipe, guidance=cfg)
-            for probe, fn in (("relation", relation_probe), ("binding", binding_probe)):
+            held = functools.partial(relation_probe, split="heldout")
+            for probe, fn in (
+                ("relation", relation_probe),
+                ("relation, held-out prompts", held),
+                ("binding", binding_probe),
+            ):
                 t0 = time.time()
                 row = fn(sampler, seeds)
                 emit(

@@ -59,6 +59,16 @@ def test_relation_probe_tells_a_model_that_follows_the_word_from_one_that_ignore
     assert 0.1 < blind["accuracy"] < 0.6  # GenEval's check still passes by chance
 
 
+def test_relation_probe_on_one_split_covers_only_its_prompts():
+    held = relation_probe(perfect, SEEDS, split="heldout")
+    train = relation_probe(relation_blind, SEEDS, split="train")
+    assert held["prompts"] == 8 and held["samples"] == 8 * len(SEEDS)
+    assert train["prompts"] == 72
+    assert held["alignment"] > 0.6
+    # the blind model's cosines cancel only where a prompt's flipped twin is in the same split
+    assert abs(train["alignment"]) < 0.1
+
+
 def test_binding_probe_tells_bound_colours_from_colours_blind_to_the_binding():
     good = binding_probe(perfect, SEEDS)
     assert good["prompts"] == 120 and good["both_found"] > 0.95

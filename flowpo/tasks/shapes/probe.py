@@ -31,7 +31,7 @@ import torch
 
 from flowpo.rewards.geneval_rules import OPPOSITE, box_centre, relation_alignment
 from flowpo.tasks.shapes.detect import detect, score
-from flowpo.tasks.shapes.world import CELL, SIZE, all_prompts, render
+from flowpo.tasks.shapes.world import CELL, SIZE, all_prompts, render, splits
 
 Sampler = Callable[[list[str], list[int]], Any]  # prompt-major images, one per (prompt, seed)
 
@@ -55,8 +55,12 @@ def position_parts(meta: dict) -> tuple[str, str, str]:
     return placed["class"], ref["class"], placed["position"][0]
 
 
-def relation_probe(sample: Sampler, seeds: list[int]) -> dict[str, float]:
-    metas = {m["prompt"]: m for m in all_prompts() if m["tag"] == "position"}
+def relation_probe(sample: Sampler, seeds: list[int], split: str | None = None) -> dict[str, float]:
+    """The relation probe over the world's position prompts, or over those of one split
+    ("train" or "heldout": does a placement learned on the training prompts carry to new
+    combinations?). The layout shift pairs a prompt with its flipped twin only within the set."""
+    pool = all_prompts() if split is None else splits()[split]
+    metas = {m["prompt"]: m for m in pool if m["tag"] == "position"}
     prompts = sorted(metas)
     imgs = sample(prompts, seeds)
     per: dict[str, list] = {}  # prompt -> per seed (placed centre | None, alignment | None, ok)
