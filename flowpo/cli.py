@@ -188,6 +188,13 @@ def _parser() -> argparse.ArgumentParser:
         "image does not show the layout yet) instead of sharing the batch's; 0 = share",
     )
     p2.add_argument(
+        "--contrast-margin",
+        type=float,
+        default=0.0,
+        help="cap the per-sample error difference in the contrast at this margin: no gradient "
+        "once the true caption wins by it (0 = no cap)",
+    )
+    p2.add_argument(
         "--focus-frac",
         type=float,
         default=0.0,
@@ -492,6 +499,8 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
         return f"--focus-tags {args.focus_tags}: give a comma-separated list of {', '.join(TAGS)}"
     if args.contrast_weight < 0 or args.contrast_beta <= 0:
         return "--contrast-weight must be >= 0 and --contrast-beta > 0"
+    if args.contrast_margin < 0:
+        return f"--contrast-margin {args.contrast_margin}: give a margin >= 0 (0 = no cap)"
     if not 0.0 <= args.contrast_sigma_min < 1.0:
         return (
             f"--contrast-sigma-min {args.contrast_sigma_min}: give a noise level in [0, 1) "
@@ -559,6 +568,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         contrast_weight=args.contrast_weight,
         contrast_beta=args.contrast_beta,
         contrast_sigma_min=args.contrast_sigma_min,
+        contrast_margin=args.contrast_margin,
         focus_frac=args.focus_frac,
         focus_tags=tuple(t.strip() for t in args.focus_tags.split(",")),
         init_from=args.init_from,

@@ -310,6 +310,18 @@ def test_caption_contrast_loss_prefers_the_true_caption():
     assert lt.grad[0] > lt.grad[1]  # the tie is pushed hardest
 
 
+def test_caption_contrast_margin_stops_pushing_once_the_true_caption_wins_by_it():
+    from flowpo.tasks.shapes.pretrain import caption_contrast_loss
+
+    lt = torch.tensor([0.1, 0.1], requires_grad=True)
+    lc = torch.tensor([0.105, 0.2], requires_grad=True)  # ahead by 0.005 and by 0.1
+    out = caption_contrast_loss(lt, lc, beta=100.0, margin=0.02)
+    assert out.item() == pytest.approx((math.log1p(math.exp(-0.5)) + math.log1p(math.exp(-2))) / 2)
+    out.backward()
+    assert lt.grad[0] > 0 and lc.grad[0] < 0  # below the margin: still pushed
+    assert lt.grad[1] == 0 and lc.grad[1] == 0  # past it: no gradient
+
+
 def test_pretrain_can_start_from_a_saved_base(tmp_path):
     """A later stage (--init-from) starts from the saved base's weights: with a zero learning
     rate its saved model equals the one it started from."""
@@ -334,6 +346,7 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
         (["--focus-frac", "1.5"], "--focus-frac"),
         (["--focus-frac", "0.5", "--focus-tags", "position,relations"], "--focus-tags"),
         (["--contrast-weight", "-1"], "--contrast-weight"),
+        (["--contrast-margin", "-0.1"], "--contrast-margin"),
         (["--contrast-sigma-min", "1.0"], "--contrast-sigma-min"),
         (["--init-from", "nowhere"], "--init-from"),
     ],

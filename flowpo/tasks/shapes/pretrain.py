@@ -331,14 +331,20 @@ def counterfactual_prompt(meta: dict, rng: random.Random) -> str | None:
 
 
 def caption_contrast_loss(
-    per_true: torch.Tensor, per_counter: torch.Tensor, beta: float
+    per_true: torch.Tensor, per_counter: torch.Tensor, beta: float, margin: float = 0.0
 ) -> torch.Tensor:
     """Mean over the samples of softplus(-beta (L_counter - L_true)): the denoiser read as a
     classifier between a scene's caption and its counterfactual (the error under each caption,
     per sample, as its negative logit), trained to prefer the true one. The flow-matching loss
     alone barely rewards reading word order (a prompt pair that differs only in it is drawn
-    identically after 1500 steps trained on nothing else); this term rewards exactly that."""
-    return torch.nn.functional.softplus(-beta * (per_counter - per_true)).mean()
+    identically after 1500 steps trained on nothing else); this term rewards exactly that.
+    margin > 0 caps the difference at the margin: a sample whose true caption already wins by
+    that much gives no gradient, so the term stops pushing the counterfactual's error up (an
+    uncapped contrast kept pushing and cost the drawing; docs/results.md)."""
+    diff = per_counter - per_true
+    if margin > 0:
+        diff = torch.clamp(diff, max=margin)
+    return torch.nn.functional.softplus(-beta * diff).mean()
 
 
 def pretrain(
@@ -360,6 +366,7 @@ def pretrain(
     contrast_weight: float = 0.0,
     contrast_beta: float = 100.0,
     contrast_sigma_min: float = 0.0,
+    contrast_margin: float = 0.0,
     focus_frac: float = 0.0,
     focus_tags: tuple[str, ...] = FOCUS_TAGS,
     init_from: str | None = None,
@@ -421,6 +428,8 @@ def pretrain(
         settings.update(contrast_weight=contrast_weight, contrast_beta=contrast_beta)
         if contrast_sigma_min > 0:
             settings["contrast_sigma_min"] = contrast_sigma_min
+        if contrast_margin > 0:
+            settings["contrast_margin"] = contrast_margin
     if focus_frac > 0:
         settings["focus_frac"] = focus_frac
         if tuple(focus_tags) != FOCUS_TAGS:
@@ -539,7 +548,10 @@ def pretrain(
                     sig_c, true_c = sigma[idx], err[idx]
                 err2 = flow_matching_sq_error(forward, x0[idx], eps[idx], sig_c, pe2, pooled2)
                 con = caption_contrast_loss(
-                    true_c.mean(dim=(1, 2, 3)), err2.mean(dim=(1, 2, 3)), contrast_beta
+                    true_c.mean(dim=(1, 2, 3)),
+                    err2.mean(dim=(1, 2, 3)),
+                    contrast_beta,
+                    contrast_margin,
                 )
             total = total + contrast_weight * con
             ema_con = con.item() if ema_con is None else 0.98 * ema_con + 0.02 * con.item()
