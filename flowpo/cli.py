@@ -497,6 +497,8 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
     tags = [t.strip() for t in args.focus_tags.split(",")]
     if not tags or any(t not in TAGS for t in tags):
         return f"--focus-tags {args.focus_tags}: give a comma-separated list of {', '.join(TAGS)}"
+    if args.focus_tags != "position,color_attr" and args.focus_frac == 0:
+        return f"--focus-tags {args.focus_tags} acts only with --focus-frac > 0: give both"
     if args.contrast_weight < 0 or args.contrast_beta <= 0:
         return "--contrast-weight must be >= 0 and --contrast-beta > 0"
     if args.contrast_margin < 0:

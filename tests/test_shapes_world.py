@@ -345,6 +345,7 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
     [
         (["--focus-frac", "1.5"], "--focus-frac"),
         (["--focus-frac", "0.5", "--focus-tags", "position,relations"], "--focus-tags"),
+        (["--focus-tags", "position"], "--focus-frac > 0"),
         (["--contrast-weight", "-1"], "--contrast-weight"),
         (["--contrast-margin", "-0.1"], "--contrast-margin"),
         (["--contrast-sigma-min", "1.0"], "--contrast-sigma-min"),
