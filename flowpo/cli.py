@@ -202,9 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p2.add_argument(
         "--focus-tags",
-        default="position,color_attr",
+        default=None,
         metavar="TAG,...",
-        help="the tags --focus-frac draws from (default: the two that need word order)",
+        help="the tags --focus-frac draws from (default: position,color_attr, the two that need "
+        "word order)",
     )
     p2.add_argument(
         "--init-from",
@@ -488,16 +489,19 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _focus_tags(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(t.strip() for t in args.focus_tags.split(","))
+
+
 def _bad_stage_option(args: argparse.Namespace) -> str | None:
     """What is wrong with pretrain-shapes' staged-recipe options (the first problem), or None."""
     if not 0.0 <= args.focus_frac <= 1.0:
         return f"--focus-frac {args.focus_frac}: give a fraction in [0, 1]"
     from flowpo.tasks.shapes.world import TAGS
 
-    tags = [t.strip() for t in args.focus_tags.split(",")]
-    if not tags or any(t not in TAGS for t in tags):
+    if args.focus_tags and any(t not in TAGS for t in _focus_tags(args)):
         return f"--focus-tags {args.focus_tags}: give a comma-separated list of {', '.join(TAGS)}"
-    if args.focus_tags != "position,color_attr" and args.focus_frac == 0:
+    if args.focus_tags and args.focus_frac == 0:
         return f"--focus-tags {args.focus_tags} acts only with --focus-frac > 0: give both"
     if args.contrast_weight < 0 or args.contrast_beta <= 0:
         return "--contrast-weight must be >= 0 and --contrast-beta > 0"
@@ -572,7 +576,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         contrast_sigma_min=args.contrast_sigma_min,
         contrast_margin=args.contrast_margin,
         focus_frac=args.focus_frac,
-        focus_tags=tuple(t.strip() for t in args.focus_tags.split(",")),
+        **({"focus_tags": _focus_tags(args)} if args.focus_tags else {}),
         init_from=args.init_from,
         caption_noise=noise,
         log=lambda m: print(m, flush=True),
