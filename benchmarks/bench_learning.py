@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = RESULTS / "learning_prompts.jsonl"
 CSV = RESULTS / "learning_speed.csv"
+TAG_ORDER = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 DEFAULT_RECIPE = ROOT / "configs" / "shapes_nft.yaml"  # the default job (`flowpo train`)
 FIELDS = [
     "name",
@@ -91,32 +92,64 @@ def per_prompt_success(out_dir: Path) -> list[tuple[dict, float, int]]:
     return rows
 
 
+def pick_stratified(rows: list[tuple[dict, float, int]], n: int, seed: int) -> list[dict]:
+    """`n` prompts from `rows` (metadata, rate, samples), spread over the tags: the prompts of
+    each tag in an order fixed by `seed`, then taken one tag at a time (tags in the world's
+    order, `TAG_ORDER`) until `n` are picked. Rule fixed before any run, so the set is not
+    chosen by how RL does on it."""
+    import random
+
+    by_tag: dict[str, list[dict]] = {}
+    for m, _, _ in rows:
+        by_tag.setdefault(m["tag"], []).append(m)
+    rng = random.Random(seed)
+    for t in sorted(by_tag):
+        rng.shuffle(by_tag[t])
+    order = [t for t in TAG_ORDER if t in by_tag] + sorted(set(by_tag) - set(TAG_ORDER))
+    picked: list[dict] = []
+    while len(picked) < n and any(by_tag[t] for t in order):
+        for t in order:
+            if by_tag[t] and len(picked) < n:
+                picked.append(by_tag[t].pop(0))
+    return picked
+
+
 def cmd_select(args: argparse.Namespace) -> None:
     out = Path(args.work) / "select"
-    _flowpo(
-        "eval",
-        "-c",
-        str(args.recipe),
-        "--model",
-        args.model,
-        "--out",
-        str(out),
-        "--save-images",
-        "--eval.prompt_file=shapes:train",
-        f"--eval.seeds={_seeds(args.seeds)}",
-    )
+    if args.reuse and (out / "00000").is_dir():
+        print(f"reusing the saved evaluation in {out}")
+    else:
+        _flowpo(
+            "eval",
+            "-c",
+            str(args.recipe),
+            "--model",
+            args.model,
+            "--out",
+            str(out),
+            "--save-images",
+            "--eval.prompt_file=shapes:train",
+            f"--eval.seeds={_seeds(args.seeds)}",
+        )
     rows = per_prompt_success(out)
-    picked = [m for m, p, _ in rows if args.low <= p <= args.high]
+    inside = [r for r in rows if args.low <= r[1] <= args.high]
+    picked = [m for m, _, _ in inside]
+    if args.pick:
+        picked = pick_stratified(inside, args.pick, args.pick_seed)
+        rate = {m["prompt"]: p for m, p, _ in inside}
+        for m in picked:
+            print(f"  {m['tag']:<13} {rate[m['prompt']]:.3f}  {m['prompt']}")
     args.prompts.parent.mkdir(parents=True, exist_ok=True)
     args.prompts.write_text("".join(json.dumps(m) + "\n" for m in picked))
     tags: dict[str, int] = {}
     for m in picked:
         tags[m["tag"]] = tags.get(m["tag"], 0) + 1
     rates = [p for _, p, _ in rows]
+    kept = f"; kept {len(picked)} (--pick, order seed {args.pick_seed})" if args.pick else ""
     print(
-        f"{len(picked)} of {len(rows)} training prompts have a base success rate in "
-        f"[{args.low}, {args.high}] ({args.seeds} seeds); per tag {tags}; mean rate over all "
-        f"training prompts {sum(rates) / len(rates):.3f}. Wrote {args.prompts}"
+        f"{len(inside)} of {len(rows)} training prompts have a base success rate in "
+        f"[{args.low}, {args.high}] ({args.seeds} seeds){kept}; per tag {tags}; mean rate over "
+        f"all training prompts {sum(rates) / len(rates):.3f}. Wrote {args.prompts}"
     )
 
 
@@ -252,6 +285,9 @@ def main() -> None:
     s.add_argument("--seeds", type=int, default=16)
     s.add_argument("--low", type=float, default=0.15)
     s.add_argument("--high", type=float, default=0.7)
+    s.add_argument("--pick", type=int, default=0, help="keep N prompts, spread over the tags")
+    s.add_argument("--pick-seed", type=int, default=0, help="the fixed order --pick draws in")
+    s.add_argument("--reuse", action="store_true", help="reuse WORK/select if it is there")
     r = sub.add_parser("run")
     r.add_argument("--recipe", default=str(DEFAULT_RECIPE), help=recipe_help)
     r.add_argument("name")
