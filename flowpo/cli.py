@@ -195,6 +195,15 @@ def _parser() -> argparse.ArgumentParser:
         "once the true caption wins by it (0 = no cap)",
     )
     p2.add_argument(
+        "--contrast-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the contrast N scenes of its own each step, drawn from the --focus-tags, so "
+        "the flow-matching batch keeps its tag mix (0 = the contrast uses the batch's position "
+        "and color_attr scenes)",
+    )
+    p2.add_argument(
         "--focus-frac",
         type=float,
         default=0.0,
@@ -204,8 +213,8 @@ def _parser() -> argparse.ArgumentParser:
         "--focus-tags",
         default=None,
         metavar="TAG,...",
-        help="the tags --focus-frac draws from (default: position,color_attr, the two that need "
-        "word order)",
+        help="the tags --focus-frac and --contrast-batch draw from (default: position,color_attr, "
+        "the two that need word order)",
     )
     p2.add_argument(
         "--init-from",
@@ -501,8 +510,15 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
 
     if args.focus_tags and any(t not in TAGS for t in _focus_tags(args)):
         return f"--focus-tags {args.focus_tags}: give a comma-separated list of {', '.join(TAGS)}"
-    if args.focus_tags and args.focus_frac == 0:
-        return f"--focus-tags {args.focus_tags} acts only with --focus-frac > 0: give both"
+    if args.focus_tags and args.focus_frac == 0 and args.contrast_batch == 0:
+        return (
+            f"--focus-tags {args.focus_tags} acts only with --focus-frac > 0 or "
+            "--contrast-batch > 0: give one of them"
+        )
+    if args.contrast_batch < 0:
+        return f"--contrast-batch {args.contrast_batch}: give a number of scenes >= 0"
+    if args.contrast_batch > 0 and args.contrast_weight == 0:
+        return "--contrast-batch acts only with --contrast-weight > 0: give both"
     if args.contrast_weight < 0 or args.contrast_beta <= 0:
         return "--contrast-weight must be >= 0 and --contrast-beta > 0"
     if args.contrast_margin < 0:
@@ -575,6 +591,7 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         contrast_beta=args.contrast_beta,
         contrast_sigma_min=args.contrast_sigma_min,
         contrast_margin=args.contrast_margin,
+        contrast_batch=args.contrast_batch,
         focus_frac=args.focus_frac,
         **({"focus_tags": _focus_tags(args)} if args.focus_tags else {}),
         init_from=args.init_from,

@@ -237,9 +237,16 @@ def test_pretrain_saves_a_loadable_base_with_its_sigma_shift(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "aux,contrast,band", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.5, 0.7)]
+    "aux,contrast,band,cbatch",
+    [
+        (0.0, 0.0, 0.0, 0),
+        (1.0, 0.0, 0.0, 0),
+        (0.0, 0.5, 0.0, 0),
+        (0.0, 0.5, 0.7, 0),
+        (0.0, 0.5, 0.0, 4),
+    ],
 )
-def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contrast, band):
+def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contrast, band, cbatch):
     """A run stopped after step 2 and resumed with --resume saves the same weights as one run
     straight through (weights, EMA, optimiser, RNG states and the auxiliary text heads are all
     restored)."""
@@ -256,7 +263,8 @@ def test_pretrain_resumed_across_sittings_is_bit_identical(tmp_path, aux, contra
         aux_text_weight=aux,
         contrast_weight=contrast,
         contrast_sigma_min=band,
-        focus_frac=0.5 if contrast else 0.0,
+        contrast_batch=cbatch,
+        focus_frac=0.5 if contrast and not cbatch else 0.0,
     )
     pretrain(str(tmp_path / "a"), **kw, log=lambda m: m)
     assert pretrain(str(tmp_path / "b"), **kw, stop_at=2, log=lambda m: m) is None
@@ -346,6 +354,8 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
         (["--focus-frac", "1.5"], "--focus-frac"),
         (["--focus-frac", "0.5", "--focus-tags", "position,relations"], "--focus-tags"),
         (["--focus-tags", "position"], "--focus-frac > 0"),
+        (["--contrast-batch", "-2", "--contrast-weight", "0.3"], "--contrast-batch"),
+        (["--contrast-batch", "16"], "--contrast-weight > 0"),
         (["--contrast-weight", "-1"], "--contrast-weight"),
         (["--contrast-margin", "-0.1"], "--contrast-margin"),
         (["--contrast-sigma-min", "1.0"], "--contrast-sigma-min"),

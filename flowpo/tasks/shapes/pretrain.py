@@ -367,6 +367,7 @@ def pretrain(
     contrast_beta: float = 100.0,
     contrast_sigma_min: float = 0.0,
     contrast_margin: float = 0.0,
+    contrast_batch: int = 0,
     focus_frac: float = 0.0,
     focus_tags: tuple[str, ...] = FOCUS_TAGS,
     init_from: str | None = None,
@@ -430,10 +431,12 @@ def pretrain(
             settings["contrast_sigma_min"] = contrast_sigma_min
         if contrast_margin > 0:
             settings["contrast_margin"] = contrast_margin
+        if contrast_batch > 0:
+            settings["contrast_batch"] = contrast_batch
     if focus_frac > 0:
         settings["focus_frac"] = focus_frac
-        if tuple(focus_tags) != FOCUS_TAGS:
-            settings["focus_tags"] = list(focus_tags)
+    if (focus_frac > 0 or contrast_batch > 0) and tuple(focus_tags) != FOCUS_TAGS:
+        settings["focus_tags"] = list(focus_tags)
     if init_from:
         settings["init_from"] = str(Path(init_from).resolve())
     if resume:
@@ -500,6 +503,12 @@ def pretrain(
     forward = torch.compile(pipe.transformer) if compile else pipe.transformer
     focus = tuple(focus_tags)
     bar = tqdm(total=steps, initial=step, desc="pretrain", disable=not sys.stderr.isatty())
+
+    def draw_sigma(n: int) -> torch.Tensor:
+        u = torch.rand(n)
+        ln = torch.sigmoid(torch.randn(n))
+        return shift_sigmas(torch.where(u < uniform_sigma, torch.rand(n), ln), sigma_shift)
+
     while step < steps:
         # tags sampled uniformly so the rare ones (single/two object) are seen as often
         # (focus_frac: a share from focus_tags, by default the two tags that need word order;
@@ -518,18 +527,25 @@ def pretrain(
         # logit-normal (SD3's sampling) mixed with uniform: logit-normal alone rarely draws
         # sigma < 0.1, where the last sampling step cleans edges and colours; shifted like the
         # saved scheduler
-        u = torch.rand(batch_size)
-        ln = torch.sigmoid(torch.randn(batch_size))
-        sigma = shift_sigmas(
-            torch.where(u < uniform_sigma, torch.rand(batch_size), ln), sigma_shift
-        )
+        sigma = draw_sigma(batch_size)
         eps = torch.randn_like(x0)
         err = flow_matching_sq_error(forward, x0, eps, sigma, pe, pooled)
         loss = torch.mean(err)
         total = loss
         if contrast_weight > 0:
+            if contrast_batch > 0:  # its own scenes from the focus tags, captions kept: the
+                # flow-matching batch keeps its tag mix, so the contrast's exposure does not
+                # shift what the drawing is trained on
+                c_metas = [rng.choice(by_tag[rng.choice(focus)]) for _ in range(contrast_batch)]
+                c_matched: list[bool] = []
+                c_x0 = _images(c_metas, rng, noise, c_matched)
+                c_prompts = [m["prompt"] for m in c_metas]
+                c_eps, c_sigma, c_err = torch.randn_like(c_x0), draw_sigma(contrast_batch), None
+            else:
+                c_metas, c_prompts, c_matched = metas, prompts, matched
+                c_x0, c_eps, c_sigma, c_err = x0, eps, sigma, err
             rows, counter = [], []
-            for i, (m, p, ok) in enumerate(zip(metas, prompts, matched)):
+            for i, (m, p, ok) in enumerate(zip(c_metas, c_prompts, c_matched)):
                 q = counterfactual_prompt(m, rng) if p and ok else None
                 if q is not None:
                     rows.append(i)
@@ -541,12 +557,19 @@ def pretrain(
                 if contrast_sigma_min > 0:  # own noise levels in [min, 1]: the band where the
                     # noisy image does not show the layout yet, so only the caption can tell
                     sig_c = contrast_sigma_min + (1 - contrast_sigma_min) * torch.rand(len(rows))
+                else:
+                    sig_c = c_sigma[idx]
+                if contrast_sigma_min > 0 or c_err is None:
+                    if c_err is None:
+                        pe1, pooled1 = encode_prompts(pipe, [c_prompts[i] for i in rows])
+                    else:
+                        pe1, pooled1 = pe[idx], pooled[idx]
                     true_c = flow_matching_sq_error(
-                        forward, x0[idx], eps[idx], sig_c, pe[idx], pooled[idx]
+                        forward, c_x0[idx], c_eps[idx], sig_c, pe1, pooled1
                     )
                 else:
-                    sig_c, true_c = sigma[idx], err[idx]
-                err2 = flow_matching_sq_error(forward, x0[idx], eps[idx], sig_c, pe2, pooled2)
+                    true_c = c_err[idx]
+                err2 = flow_matching_sq_error(forward, c_x0[idx], c_eps[idx], sig_c, pe2, pooled2)
                 con = caption_contrast_loss(
                     true_c.mean(dim=(1, 2, 3)),
                     err2.mean(dim=(1, 2, 3)),
