@@ -564,16 +564,16 @@ def pretrain(
                     sig_c = contrast_sigma_min + (1 - contrast_sigma_min) * torch.rand(len(rows))
                 else:
                     sig_c = c_sigma[idx]
-                if contrast_sigma_min > 0 or c_err is None:
-                    if c_err is None:
+                if c_err is not None and contrast_sigma_min == 0:
+                    true_c = c_err[idx]  # the batch's own error at the batch's noise levels
+                else:
+                    if c_err is None:  # the contrast's own scenes: their true captions
                         pe1, pooled1 = encode_prompts(pipe, [c_prompts[i] for i in rows])
                     else:
                         pe1, pooled1 = pe[idx], pooled[idx]
                     true_c = flow_matching_sq_error(
                         forward, c_x0[idx], c_eps[idx], sig_c, pe1, pooled1
                     )
-                else:
-                    true_c = c_err[idx]
                 err2 = flow_matching_sq_error(forward, c_x0[idx], c_eps[idx], sig_c, pe2, pooled2)
                 con = caption_contrast_loss(
                     true_c.mean(dim=(1, 2, 3)),
