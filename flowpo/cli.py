@@ -115,11 +115,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p2 = sub.add_parser(
         "pretrain-shapes",
+        allow_abbrev=False,  # `--resume` tells the options given from those left to the run's own
         help="reproduce the shapes-world base model (flow matching on rendered scenes)",
         description="Trains the tiny pixel-space SD3-family base model of the shapes world on "
         "rendered (noisily captioned) (prompt, image) pairs of the training split and saves it "
         "to OUT_DIR. Its full state is saved every --save-every steps: `--resume OUT_DIR` "
-        "continues an interrupted run (same settings) to the same result.",
+        "continues an interrupted run with its saved settings to the same result (settings "
+        "given beside it must match the saved ones).",
     )
     p2.add_argument("out_dir", nargs="?", help="where the model (and the resumable state) goes")
     p2.add_argument("--resume", metavar="OUT_DIR", help="continue the run saved in OUT_DIR")
@@ -536,8 +538,54 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
     return None
 
 
-def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
-    from flowpo.tasks.shapes.pretrain import pretrain
+# pretrain-shapes' options that are settings of the run (saved with its state), by the key they
+# are saved under; the others (--save-every, --eval-every, --stop-at, ...) may change per sitting
+_PRETRAIN_SETTINGS = {
+    "steps": "--steps",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "seed": "--seed",
+    "sigma_shift": "--sigma-shift",
+    "aux_text_weight": "--aux-text-weight",
+    "caption_noise": "--caption-noise",
+    "contrast_weight": "--contrast-weight",
+    "contrast_beta": "--contrast-beta",
+    "contrast_sigma_min": "--contrast-sigma-min",
+    "contrast_margin": "--contrast-margin",
+    "contrast_batch": "--contrast-batch",
+    "focus_frac": "--focus-frac",
+    "focus_tags": "--focus-tags",
+    "init_from": "--init-from",
+    "compile": "--no-compile",
+}
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _fill_from_saved(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--resume OUT_DIR`: the settings not given on the command line come from the saved run
+    (those given must still match it: pretrain() says which differ)."""
+    from flowpo.tasks.shapes.pretrain import saved_settings
+
+    saved = saved_settings(args.resume)
+    for key, flag in _PRETRAIN_SETTINGS.items():
+        if _given(argv, flag) or key not in saved:
+            continue  # absent from the state: an option that run did not use (its default)
+        value = saved[key]
+        if key == "caption_noise":
+            args.caption_noise = ",".join(f"{t}={p}" for t, p in value.items())
+        elif key == "focus_tags":
+            args.focus_tags = ",".join(value)
+        elif key == "compile":
+            args.no_compile = not value
+        else:
+            setattr(args, key, value)
+
+
+def cmd_pretrain_shapes(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from flowpo.tasks.shapes.pretrain import ResumeMismatch
 
     if args.resume and args.out_dir and Path(args.out_dir) != Path(args.resume):
         print("flowpo: error: give OUT_DIR or --resume OUT_DIR, not both", file=sys.stderr)
@@ -545,6 +593,8 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     if not (args.resume or args.out_dir):
         print("flowpo: error: pretrain-shapes needs OUT_DIR (or --resume OUT_DIR)", file=sys.stderr)
         return 2
+    if args.resume and not args.snapshot:
+        _fill_from_saved(args, argv or [])
     noise = None
     if args.caption_noise:
         from flowpo.tasks.shapes.pretrain import CAPTION_NOISE
@@ -574,6 +624,17 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         step = save_snapshot(args.resume or args.out_dir, args.snapshot)
         print(f"saved the EMA weights of step {step} to {args.snapshot}")
         return 0
+    try:
+        _run_pretrain(args, noise)
+    except ResumeMismatch as e:
+        print(f"flowpo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_pretrain(args: argparse.Namespace, noise: dict | None) -> None:
+    from flowpo.tasks.shapes.pretrain import pretrain
+
     pretrain(
         args.resume or args.out_dir,
         resume=bool(args.resume),
@@ -598,7 +659,6 @@ def cmd_pretrain_shapes(args: argparse.Namespace) -> int:
         caption_noise=noise,
         log=lambda m: print(m, flush=True),
     )
-    return 0
 
 
 def cmd_doctor(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -664,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return cmd_eval(args, extra)
         if args.command == "pretrain-shapes":
-            return cmd_pretrain_shapes(args)
+            return cmd_pretrain_shapes(args, argv)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "serve-reward":

@@ -571,3 +571,25 @@ def test_pretrain_cli_names_the_fix_for_a_bad_caption_noise(tmp_path, capsys, ba
     err = capsys.readouterr().err
     assert "--caption-noise" in err and "TAG=P" in err and "color_attr" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_pretrain_cli_resume_alone_continues_with_the_saved_settings(tmp_path, capsys):
+    """`flowpo pretrain-shapes --resume OUT` with no other option continues a run started with
+    non-default settings to the weights of the uninterrupted run; a setting given beside it that
+    differs from the saved one is refused with the difference named."""
+    from safetensors.torch import load_file
+
+    from flowpo.cli import main
+
+    flags = ["--steps", "4", "--batch-size", "8", "--lr", "3e-4", "--no-compile"]
+    flags += ["--eval-every", "1000000", "--save-every", "1000000"]
+    assert main(["pretrain-shapes", str(tmp_path / "a"), *flags]) == 0
+    assert main(["pretrain-shapes", str(tmp_path / "b"), *flags, "--stop-at", "2"]) == 0
+    assert main(["pretrain-shapes", "--resume", str(tmp_path / "b"), "--lr", "1e-3"]) == 2
+    assert "'lr': (0.0003, 0.001)" in capsys.readouterr().err
+    assert main(["pretrain-shapes", "--resume", str(tmp_path / "b")]) == 0
+    sub = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "a" / sub), load_file(tmp_path / "b" / sub)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["pretrain-shapes", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no pretrain_state.pt" in capsys.readouterr().err

@@ -97,6 +97,10 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
+class ResumeMismatch(ValueError):
+    """`--resume` was given settings that differ from those the saved run was started with."""
+
+
 def build_base(seed: int = 0, sigma_shift: float = SIGMA_SHIFT) -> Any:
     """A randomly initialised pixel-space SD3 pipeline (tokenizers built offline)."""
     from diffusers import (
@@ -455,8 +459,9 @@ def pretrain(
                 for k, v in settings.items()
                 if st["settings"].get(k) != v
             }
-            raise ValueError(
-                f"--resume {out}: settings differ from the saved run (saved, now): {diff}"
+            raise ResumeMismatch(
+                f"--resume {out}: settings differ from the saved run (saved, now): {diff}; "
+                "drop those options (`--resume OUT_DIR` alone continues with the saved ones)"
             )
         with torch.no_grad():
             for p, v in zip(params, st["params"]):
@@ -648,6 +653,15 @@ def pretrain(
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"saved base model to {out} after {step} steps ({summary['seconds']:.0f}s)")
     return summary
+
+
+def saved_settings(state_dir: str) -> dict[str, Any]:
+    """The settings a pretraining run saved with its resumable state (what `--resume` alone
+    continues with)."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {state_dir}: no {STATE_FILE} there to resume from")
+    return dict(torch.load(path, weights_only=False)["settings"])  # our own file
 
 
 def save_snapshot(state_dir: str, out_dir: str) -> int:
