@@ -135,7 +135,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 0
     """Samples per training forward; 0 = rollout.batch_size (keeps the rollout's batch
-    composition, so the first ratio is exactly 1)."""
+    composition, so the first ratio is exactly 1), or one optimizer step's samples when
+    steps_per_epoch makes a step smaller than a rollout batch."""
     steps_per_epoch: int = 1
     """Optimizer steps per epoch; each accumulates over its share of samples x trained steps."""
     clip_range: float = 1e-4
@@ -381,7 +382,12 @@ class Config:
 
     @property
     def micro_batch_size(self) -> int:
-        return self.train.micro_batch_size or self.rollout.batch_size
+        """train.micro_batch_size, or for 0 the rollout batch (one optimizer step's samples when
+        steps_per_epoch splits the epoch finer than its rollout batches)."""
+        if self.train.micro_batch_size:
+            return self.train.micro_batch_size
+        per_step = self.samples_per_rank() // max(self.train.steps_per_epoch, 1)
+        return min(self.rollout.batch_size, per_step) if per_step > 0 else self.rollout.batch_size
 
     def samples_per_rank(self) -> int:
         return self.rollout.batch_size * self.rollout.num_batches
@@ -466,7 +472,7 @@ class Config:
         if (per_rank // t.steps_per_epoch) % mb:
             raise ConfigError(
                 f"train.micro_batch_size ({mb}) must divide the samples per rank per optimizer "
-                f"step ({per_rank // t.steps_per_epoch}); use a divisor or 0 (= rollout.batch_size)"
+                f"step ({per_rank // t.steps_per_epoch}); use a divisor or 0 (= rollout.batch_size, or the step's samples if fewer)"
             )
         if not r.prompt_file and not r.prompts:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")

@@ -137,3 +137,16 @@ def test_prompt_files_are_read_at_preflight(tmp_path):
         ConfigError, match=r"^eval.prompt_file '.*bad.jsonl' line 2: not valid JSON"
     ):
         preflight(cfg)
+
+
+def test_micro_batch_0_follows_a_step_smaller_than_the_rollout_batch():
+    """train.micro_batch_size 0 is the rollout batch, or one optimizer step's samples when
+    steps_per_epoch splits the epoch finer: the default recipe (4 steps an epoch) stays valid
+    when a user shrinks its batches."""
+    cfg = load_config(None, ["--rollout.num_batches=2", "--train.steps_per_epoch=4"])
+    cfg.validate()
+    sizes = cfg.derived_sizes(world_size=1, num_trained_steps=9)
+    assert sizes["samples_per_rank_per_optimizer_step"] == 8 and sizes["micro_batch_size"] == 8
+    assert sizes["gradient_accumulation_steps"] == 9
+    big = load_config(None, ["--rollout.num_batches=8", "--train.steps_per_epoch=2"])
+    assert big.micro_batch_size == big.rollout.batch_size

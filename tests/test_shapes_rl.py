@@ -97,8 +97,10 @@ def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_
     """The issue's check: a short run on the shapes reward from the committed base; strict
     accuracy of the rollouts (the shapes reward's GenEval-rule pass rate, CFG-free ODE samples of
     the old policy) pooled over the first 3 vs the last 3 of 10 epochs, 192 images each, binomial
-    standard error. Calibrated on the 4000-step base: 0.70 -> 0.90 (4.9 SE) on the development
-    machine (on the previous base, with 32 images an epoch and lr 1e-3: 0.50 -> 0.81, 4.8 SE; on
+    standard error. The default recipe with one optimizer step an epoch (the default takes
+    four since 2026-12-05; on this run they give 0.68 -> 0.83, 3.5 SE, a thinner margin, so the
+    test keeps the one-step update it was calibrated with). Calibrated on the 4000-step base:
+    0.70 -> 0.90 (4.9 SE) on the development machine (on the previous base, with 32 images an epoch and lr 1e-3: 0.50 -> 0.81, 4.8 SE; on
     the new base that setting rose 0.71 -> 0.87, 2.7 SE, and two_object-only or counting sets
     less: docs/results.md, "The statistical test on the shapes reward")."""
     prompts = tmp_path / "four.jsonl"
@@ -112,6 +114,7 @@ def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_
         "--rollout.batch_size=16",
         "--rollout.num_batches=4",  # 64 images: the 4 prompts x 2 groups of 8 every epoch
         "--train.epochs=10",  # the recipe's learning rate (5e-4)
+        "--train.steps_per_epoch=1",
         "--eval.every=0",
         *NO_EVAL,
     )
