@@ -538,28 +538,6 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
     return None
 
 
-# pretrain-shapes' options that are settings of the run (saved with its state), by the key they
-# are saved under; the others (--save-every, --eval-every, --stop-at, ...) may change per sitting
-_PRETRAIN_SETTINGS = {
-    "steps": "--steps",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "seed": "--seed",
-    "sigma_shift": "--sigma-shift",
-    "aux_text_weight": "--aux-text-weight",
-    "caption_noise": "--caption-noise",
-    "contrast_weight": "--contrast-weight",
-    "contrast_beta": "--contrast-beta",
-    "contrast_sigma_min": "--contrast-sigma-min",
-    "contrast_margin": "--contrast-margin",
-    "contrast_batch": "--contrast-batch",
-    "focus_frac": "--focus-frac",
-    "focus_tags": "--focus-tags",
-    "init_from": "--init-from",
-    "compile": "--no-compile",
-}
-
-
 def _given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
@@ -569,11 +547,12 @@ def _fill_from_saved(args: argparse.Namespace, argv: list[str]) -> None:
     (those given must still match it: pretrain() says which differ)."""
     from flowpo.tasks.shapes.pretrain import saved_settings
 
-    saved = saved_settings(args.resume)
-    for key, flag in _PRETRAIN_SETTINGS.items():
-        if _given(argv, flag) or key not in saved:
-            continue  # absent from the state: an option that run did not use (its default)
-        value = saved[key]
+    # a saved setting is the option of the same name (compile: --no-compile); settings with
+    # no option (text_dropout, ...) stay pretrain()'s defaults and are checked there
+    for key, value in saved_settings(args.resume).items():
+        flag = "--no-compile" if key == "compile" else "--" + key.replace("_", "-")
+        if (key != "compile" and not hasattr(args, key)) or _given(argv, flag):
+            continue
         if key == "caption_noise":
             args.caption_noise = ",".join(f"{t}={p}" for t, p in value.items())
         elif key == "focus_tags":

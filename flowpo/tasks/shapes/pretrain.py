@@ -450,9 +450,7 @@ def pretrain(
         settings["init_from"] = str(Path(init_from).resolve())
     if resume:
         state_path = out / STATE_FILE
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume {out}: no {STATE_FILE} there to resume from")
-        st = torch.load(state_path, weights_only=False)  # our own file: RNG states are tuples
+        st = load_state(out)
         if st["settings"] != settings:
             diff = {
                 k: (st["settings"].get(k), v)
@@ -655,19 +653,24 @@ def pretrain(
     return summary
 
 
-def saved_settings(state_dir: str) -> dict[str, Any]:
-    """The settings a pretraining run saved with its resumable state (what `--resume` alone
-    continues with)."""
+def load_state(state_dir) -> dict[str, Any]:
+    """A pretraining run's saved resumable state (weights, EMA, optimiser, RNGs, settings)."""
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--resume {state_dir}: no {STATE_FILE} there to resume from")
-    return dict(torch.load(path, weights_only=False)["settings"])  # our own file
+    return torch.load(path, weights_only=False)  # our own file: RNG states are tuples
+
+
+def saved_settings(state_dir: str) -> dict[str, Any]:
+    """The settings a pretraining run saved with its resumable state (what `--resume` alone
+    continues with)."""
+    return dict(load_state(state_dir)["settings"])
 
 
 def save_snapshot(state_dir: str, out_dir: str) -> int:
     """Save the EMA weights of a pretraining run's last saved state (a run still going, or
     stopped with --stop-at) as a model directory at out_dir; returns the state's step."""
-    st = torch.load(Path(state_dir) / STATE_FILE, weights_only=False)  # our own file
+    st = load_state(state_dir)
     cfg = st["settings"]
     pipe = build_base(cfg["seed"], cfg["sigma_shift"])
     modules = trained_modules(pipe)
