@@ -3,7 +3,7 @@
     flowpo train [-c configs/RECIPE.yaml] [--section.field=value ...] [--resume DIR|latest]
     flowpo sample --model DIR [--checkpoint CKPT] --prompt "..." [--num 4] [--out grid.png]
     flowpo eval [--model DIR] [--checkpoint CKPT [--ema]] [--section.field=value ...]
-    flowpo pretrain-shapes OUT_DIR [--steps N] | --resume OUT_DIR
+    flowpo pretrain-shapes OUT_DIR [--steps N | --staged] | --resume OUT_DIR
     flowpo make-tiny {sd3,flux,qwen-image,bagel} OUT_DIR
     flowpo serve-reward --reward NAME [--model-dir DIR] [--port 8100] [--token-env VAR]
     flowpo make-prompts {geneval,ocr} OUT.jsonl [-n 10] [--seed 0]
@@ -22,10 +22,9 @@ from pathlib import Path
 
 from flowpo.config import ConfigError, apply_overrides, config_from_dict, load_config
 
-# the committed shapes-world base (flowpo/tasks/shapes/base_model) is the final EMA weights of a
-# PRETRAIN_STEPS-step run with the defaults below, taken in two sittings:
-#   flowpo pretrain-shapes OUT --stop-at 3000 && flowpo pretrain-shapes --resume OUT
-# (bit-identical to one sitting on the same host type; docs/results.md, "Shapes world")
+# the committed shapes-world base (flowpo/tasks/shapes/base_model) is made by the staged recipe
+# (`flowpo pretrain-shapes OUT --staged`, pretrain.BASE_STAGES) whose first stage is a
+# PRETRAIN_STEPS-step run with the defaults below (docs/results.md, "The committed placing base")
 PRETRAIN_STEPS = 4000
 
 TRAIN_HELP = """Run online RL (Flow-GRPO, DiffusionNFT, AWM) on a flow-matching model.
@@ -125,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p2.add_argument("out_dir", nargs="?", help="where the model (and the resumable state) goes")
     p2.add_argument("--resume", metavar="OUT_DIR", help="continue the run saved in OUT_DIR")
+    p2.add_argument(
+        "--staged",
+        action="store_true",
+        help="run the committed base's staged recipe (five stages in OUT_DIR/stage1..5, the "
+        "final model in OUT_DIR; about 3.7 h on one thread); its settings are fixed, "
+        "`--resume OUT_DIR` continues it",
+    )
     p2.add_argument(
         "--steps",
         type=int,
@@ -572,6 +578,10 @@ def cmd_pretrain_shapes(args: argparse.Namespace, argv: list[str] | None = None)
     if not (args.resume or args.out_dir):
         print("flowpo: error: pretrain-shapes needs OUT_DIR (or --resume OUT_DIR)", file=sys.stderr)
         return 2
+    from flowpo.tasks.shapes.pretrain import is_staged
+
+    if args.staged or (args.resume and is_staged(args.resume)):
+        return _cmd_pretrain_staged(args, argv or [])
     if args.resume and not args.snapshot:
         _fill_from_saved(args, argv or [])
     noise = None
@@ -606,6 +616,47 @@ def cmd_pretrain_shapes(args: argparse.Namespace, argv: list[str] | None = None)
     try:
         _run_pretrain(args, noise)
     except ResumeMismatch as e:
+        print(f"flowpo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# the options that set a pretraining run's settings (the staged recipe fixes them all)
+_SETTING_OPTIONS = (
+    "--steps", "--batch-size", "--lr", "--seed", "--sigma-shift", "--aux-text-weight",
+    "--caption-noise", "--contrast-weight", "--contrast-beta", "--contrast-sigma-min",
+    "--contrast-margin", "--contrast-batch", "--focus-frac", "--focus-tags", "--init-from",
+    "--save-every", "--eval-every", "--stop-at",
+)  # fmt: skip
+
+
+def _cmd_pretrain_staged(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--staged OUT_DIR` (or `--resume OUT_DIR` of a staged run): the committed base's recipe."""
+    from flowpo.tasks.shapes.pretrain import (
+        ResumeMismatch,
+        current_stage_dir,
+        pretrain_staged,
+        save_snapshot,
+    )
+
+    given = [f for f in _SETTING_OPTIONS if _given(argv, f)]
+    if given:
+        print(
+            f"flowpo: error: {', '.join(given)}: the staged recipe fixes its settings (see "
+            "pretrain.BASE_STAGES); drop them, or run single stages without --staged "
+            "(interrupt a staged run at any time and continue it with --resume OUT_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    out = args.resume or args.out_dir
+    try:
+        if args.snapshot:
+            stage = current_stage_dir(out)
+            step = save_snapshot(stage, args.snapshot)
+            print(f"saved the EMA weights of {stage.name}, step {step}, to {args.snapshot}")
+        else:
+            pretrain_staged(out, compile=not args.no_compile, log=lambda m: print(m, flush=True))
+    except (ResumeMismatch, FileNotFoundError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2
     return 0

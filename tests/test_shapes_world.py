@@ -593,3 +593,59 @@ def test_pretrain_cli_resume_alone_continues_with_the_saved_settings(tmp_path, c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["pretrain-shapes", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no pretrain_state.pt" in capsys.readouterr().err
+
+
+def test_staged_pretraining_skips_finished_stages_and_resumes_the_one_in_progress(tmp_path):
+    """`pretrain_staged` (`--staged`): each stage starts from the previous one's model, the
+    final model lands in OUT with a summary of every stage, and a run interrupted inside its
+    second stage, continued on the same OUT, ends with the weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from flowpo.tasks.shapes.pretrain import (
+        BASE_STAGES,
+        ResumeMismatch,
+        pretrain,
+        pretrain_staged,
+    )
+
+    tiny = dict(batch_size=8, eval_every=10**9, save_every=10**9)
+    stages = (
+        dict(steps=3, **tiny),
+        # the placing stage's contrast, focus and caption settings, at a tiny size
+        dict(steps=4, lr=3e-4, **tiny, **{
+            k: v for k, v in BASE_STAGES[1].items() if k.startswith(("contrast", "focus", "cap"))
+        }),
+    )  # fmt: skip
+    quiet = dict(compile=False, log=lambda m: m)
+    full = pretrain_staged(str(tmp_path / "a"), stages=stages, **quiet)
+    assert [s["steps"] for s in full["stages"]] == [3, 4]
+    assert full["stages"][1]["init_from"] == str((tmp_path / "a" / "stage1").resolve())
+    assert full["stages"][1]["contrast_batch"] == 42
+    assert not (tmp_path / "a" / "pretrain_state.pt").exists()
+
+    b = tmp_path / "b"
+    pretrain_staged(str(b), stages=stages[:1], **quiet)  # stage 1 finished ...
+    (b / "staged_recipe.json").unlink()
+    # ... and stage 2 stopped after two of its steps
+    init = str(b / "stage1")
+    assert pretrain(str(b / "stage2"), **stages[1], init_from=init, stop_at=2, **quiet) is None
+    pretrain_staged(str(b), stages=stages, **quiet)
+    sub = "transformer/diffusion_pytorch_model.safetensors"
+    wa, wb = load_file(tmp_path / "a" / sub), load_file(b / sub)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ResumeMismatch, match="staged recipe differs"):
+        pretrain_staged(str(b), stages=stages[:1], **quiet)
+
+
+def test_staged_pretraining_cli_refuses_settings_of_its_own(tmp_path, capsys):
+    """The staged recipe fixes every setting: an option beside `--staged` is refused by name
+    (nothing is trained), and `--snapshot` of a staged run with no saved state says so."""
+    from flowpo.cli import main
+
+    assert main(["pretrain-shapes", str(tmp_path / "m"), "--staged", "--lr", "1e-4"]) == 2
+    assert "--lr: the staged recipe fixes its settings" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "staged_recipe.json").write_text('{"stages": [{}], "compile": true}')
+    assert main(["pretrain-shapes", "--resume", str(tmp_path / "m"), "--snapshot", "x"]) == 2
+    assert "no stage has saved a state yet" in capsys.readouterr().err
