@@ -75,7 +75,7 @@ OPTIONAL: dict[str, list[str]] = {
 # Flow-GRPO retune) and no training-prompt evaluation.
 LONG: dict[str, list[str]] = {
     "nft_long": ["-c", "configs/shapes_long.yaml"],
-    # Flow-GRPO retuned on the committed base (CFG-free, the shapes_long reward, evaluation EMA,
+    # Flow-GRPO retuned on the 4000-step base (CFG-free, the shapes_long reward, evaluation EMA,
     # lr 5e-4); until 2026-12-03 15:30 these two were configs/shapes.yaml (CFG 3, lr 1e-3) with
     # 60 epochs and --eval.every=20, which ended below the base (docs/results.md)
     "grpo_window_long": ["-c", "configs/shapes_grpo_long.yaml"],

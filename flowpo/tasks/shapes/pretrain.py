@@ -39,7 +39,9 @@ drawing). With three quarters of every batch from position scenes over 4500 step
 `focus_tags`) the placement is learned, at the cost of drawing; `contrast_margin` caps the error
 difference the contrast asks for, and `contrast_batch` gives the contrast scenes of its own so the
 flow-matching batch keeps its tag mix (docs/results.md, "Why the flow-matching loss does not teach
-word order").
+word order"). The committed base is the staged recipe `BASE_STAGES` (`pretrain_staged`, the CLI's
+`--staged`): the defaults for 4000 steps, then such a contrast-batch stage and three short
+continuations.
 
 The directory is a StableDiffusion3Pipeline layout with `"vae": [null, null]`: the SD3 adapter
 treats such a model as pixel space (latents are images in [-1, 1]).
