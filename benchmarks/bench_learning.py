@@ -66,9 +66,13 @@ FIELDS = [
 
 
 def _flowpo(*args: str) -> None:
+    """Run one flowpo command; if it fails, stop with its exit status (its own error, e.g. a
+    config error naming the field, is already printed above) instead of a traceback."""
     cmd = [sys.executable, "-m", "flowpo.cli", *args]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc:
+        sys.exit(f"bench_learning: `flowpo {args[0]}` failed (exit {rc}); see its message above")
 
 
 def _seeds(n: int) -> str:

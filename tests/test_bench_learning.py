@@ -46,3 +46,25 @@ def test_pick_takes_what_a_short_tag_leaves_from_the_others():
     assert tags.count("two_object") == 2 and tags.count("counting") == 3
     assert tags.count("position") + tags.count("color_attr") == 7
     assert len(bench.pick_stratified(_rows(), 100, seed=0)) == len(_rows())
+
+
+def test_run_stops_with_flowpos_own_error_not_a_traceback(tmp_path):
+    """A bad override makes `flowpo train` fail on its config; the benchmark then stops with one
+    line naming the failed command (flowpo's own message above it names the field), no
+    traceback and no results row."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"tag": "colors", "prompt": "a photo of a red circle"}\n')
+    csv = tmp_path / "speed.csv"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), "--work",
+         str(tmp_path / "w"), "--prompts", str(prompts), "--csv", str(csv), "run", "x",
+         "--epochs", "1", "--", "--train.learning_rat=1e-3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "did you mean 'train.learning_rate'" in proc.stderr
+    assert "`flowpo train` failed (exit 2)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not csv.exists()
