@@ -536,7 +536,12 @@ def _bad_stage_option(args: argparse.Namespace) -> str | None:
             f"--contrast-sigma-min {args.contrast_sigma_min}: give a noise level in [0, 1) "
             "(0 = the batch's own)"
         )
-    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
+    # a resumed run loads its own saved weights: the base it started from may be gone
+    if (
+        args.init_from
+        and not args.resume
+        and not (Path(args.init_from) / "model_index.json").is_file()
+    ):
         return (
             f"--init-from {args.init_from}: not a model directory (no model_index.json); give "
             "a base saved by pretrain-shapes"

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -346,6 +347,14 @@ def test_pretrain_can_start_from_a_saved_base(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), sub
     summary = json.loads((tmp_path / "b" / "pretrain_summary.json").read_text())
     assert summary["init_from"] == str((tmp_path / "a").resolve())
+    # a stage stopped midway resumes from its own state even when its base is gone
+    c = str(tmp_path / "c")
+    assert pretrain(c, steps=2, lr=0.0, init_from=str(tmp_path / "a"), stop_at=1, **kw) is None
+    shutil.rmtree(tmp_path / "a")
+    pretrain(c, steps=2, lr=0.0, init_from=str(tmp_path / "a"), resume=True, **kw)
+    sub = "transformer/diffusion_pytorch_model.safetensors"
+    bw, cw = load_file(tmp_path / "b" / sub), load_file(tmp_path / "c" / sub)
+    assert all(torch.equal(bw[k], cw[k]) for k in bw)
 
 
 @pytest.mark.parametrize(

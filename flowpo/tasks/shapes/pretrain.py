@@ -400,7 +400,9 @@ def pretrain(
     by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
     pipe = build_base(seed, sigma_shift)
     modules = trained_modules(pipe)
-    if init_from:  # a later stage of a staged recipe: start from a saved base's weights
+    # a later stage of a staged recipe starts from a saved base's weights (a resumed one loads
+    # its own saved weights below, so the base it started from need not exist any more)
+    if init_from and not resume:
         for m, src in zip(modules, trained_modules(load_base(init_from))):
             m.load_state_dict(src.state_dict())
     params = [p for m in modules for p in m.parameters()]
