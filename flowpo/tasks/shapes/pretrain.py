@@ -71,6 +71,7 @@ CAPTION_NOISE = {"position": 0.5, "counting": 0.4, "color_attr": 0.3}
 # the tags whose captions depend on word order (a relation's direction, a colour's shape)
 FOCUS_TAGS = ("position", "color_attr")
 STATE_FILE = "pretrain_state.pt"
+SUMMARY_FILE = "pretrain_summary.json"  # settings, time, losses and quick checks of a run
 
 BASE_CONFIG: dict[str, Any] = {
     "transformer": dict(
@@ -652,7 +653,7 @@ def pretrain(
         m.eval().requires_grad_(False)
     pipe.save_pretrained(str(out))
     summary = {**settings, "seconds": time.time() - t0, "final_loss": ema_loss, "history": history}
-    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     log(f"saved base model to {out} after {step} steps ({summary['seconds']:.0f}s)")
     return summary
 
@@ -689,7 +690,7 @@ def save_snapshot(state_dir: str, out_dir: str) -> int:
         "final_loss": st["ema_loss"],
         "history": st["history"],
     }
-    (Path(out_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return int(st["step"])
 
 
@@ -714,7 +715,6 @@ BASE_STAGES: tuple[dict[str, Any], ...] = (
     dict(steps=1000, lr=1e-4, eval_every=500, save_every=250, **_PLACING),
 )
 STAGES_FILE = "staged_recipe.json"
-SUMMARY_FILE = "pretrain_summary.json"
 
 
 def _stage_json(stages) -> list[dict[str, Any]]:
