@@ -51,6 +51,21 @@ def test_unknown_reward_error(tmp_path):
     assert "jpeg_compressibility" in line and "pickscore" in line
 
 
+def test_new_run_into_a_folder_that_holds_one_error(tmp_path):
+    """A second `flowpo train` under the same run name without --resume would append its
+    metrics to the first run's: it stops before any model loads, naming the ways out."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "reward_mean": 0.5}\n')
+    args = ("train", f"--logging.run_dir={tmp_path}", "--logging.run_name=r")
+    line = _one_line_error(flowpo_main(*args))
+    assert f"logging.run_name 'r': {run} already holds a run" in line
+    assert "--resume latest --logging.run_name=r" in line
+    assert (run / "metrics.jsonl").read_text().count("\n") == 1 and not (
+        run / "config.yaml"
+    ).exists()
+
+
 @pytest.mark.slow
 def test_make_tiny_then_sample(tmp_path):
     out = tmp_path / "tiny-sd3"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowpo.config import Config
+from flowpo.config import Config, ConfigError
 from flowpo.models.resolve import resolve_model_path, torch_dtype
 from flowpo.rewards.base import RewardError, WeightedReward, group_normalized_total
 from flowpo.trainer.advantages import compute_advantages, zero_std_mask
@@ -82,6 +82,15 @@ class GRPOTrainer:
         self.kernel_backend = resolve_backend(cfg.train.kernels, self.device)  # re-scoring path
         self.show = cfg.logging.progress and self.rank == 0
         self.run_dir = resolve_run_dir(cfg, self.rank, dist.broadcast_object)
+        # a new run into a folder that holds one would append to its metrics (rank 0 decides)
+        taken = self.rank == 0 and (self.run_dir / "metrics.jsonl").is_file()
+        if not cfg.checkpoint.resume and dist.broadcast_object(taken):
+            name = self.run_dir.name
+            raise ConfigError(
+                f"logging.run_name '{name}': {self.run_dir} already holds a run (its "
+                f"metrics.jsonl); give another logging.run_name, continue that run with "
+                f"--resume latest --logging.run_name={name}, or delete the folder"
+            )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
