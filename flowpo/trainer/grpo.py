@@ -44,7 +44,7 @@ from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
 from flowpo.trainer.startup import check_reward_services_on_every_rank, check_same_config
 from flowpo.trainer.summary import eval_numbers, finish_run
-from flowpo.trainer.tracking import RunLogger, print0, progress, resolve_run_dir
+from flowpo.trainer.tracking import METRICS_FILE, RunLogger, print0, progress, resolve_run_dir
 
 __all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
 
@@ -83,7 +83,7 @@ class GRPOTrainer:
         self.show = cfg.logging.progress and self.rank == 0
         self.run_dir = resolve_run_dir(cfg, self.rank, dist.broadcast_object)
         # a new run into a folder that holds one would append to its metrics (rank 0 decides)
-        taken = self.rank == 0 and (self.run_dir / "metrics.jsonl").is_file()
+        taken = self.rank == 0 and (self.run_dir / METRICS_FILE).is_file()
         if not cfg.checkpoint.resume and dist.broadcast_object(taken):
             name = self.run_dir.name
             raise ConfigError(

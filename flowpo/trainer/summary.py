@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from flowpo.trainer.evaluation import EvalResult, accuracy_table, drawing_table
-from flowpo.trainer.tracking import plot_curves, print0
+from flowpo.trainer.tracking import METRICS_FILE, plot_curves, print0
 
 
 def eval_numbers(res: EvalResult) -> dict:
@@ -66,7 +66,7 @@ def finish_run(
     if rank != 0:
         return summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         plot_curves(
             metrics,

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+METRICS_FILE = "metrics.jsonl"  # a run's metrics, one JSON object per line (RunLogger)
+
 
 def resolve_run_dir(cfg, rank: int, broadcast: Callable[[Any], Any]) -> Path:
     """logging.run_dir / logging.run_name; without a name, RECIPE-TIMESTAMP with rank 0's clock
@@ -64,7 +66,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, *, rank: int, wandb_mode: str, tensorboard: bool, config):
         self.run_dir = run_dir
         self.rank = rank
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self._wandb = None
         self._tb = None
         if rank != 0:
