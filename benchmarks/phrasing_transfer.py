@@ -16,8 +16,11 @@ transfer that the held-out evaluation asks for.
 `run` writes OUT/heldout.jsonl and OUT/train.jsonl (the pairs, in the same order) and runs
 `flowpo eval --save-images` on each into OUT/heldout and OUT/train (arguments after `--` go to
 both evaluations). `table` scores the saved images with GenEval's strict rule and prints, per
-pair and overall, the strict accuracy of each phrasing and how often the two phrasings of a
-seed agree (both pass or both fail).
+pair and overall, the strict accuracy of each phrasing, how often the two phrasings of a
+seed agree (both pass or both fail), and how often the held-out prompt's image instead passes
+the rule of its swap: the training prompt with the same words and the opposite meaning ("a
+square right of a circle"), the layout a model that reads the caption as a bag of words would
+copy.
 """
 
 from __future__ import annotations
@@ -40,21 +43,40 @@ from flowpo.tasks.shapes.world import article, splits
 _POSITION = re.compile(r"a photo of an? (\w+) (left of|right of|above|below) an? (\w+)$")
 
 
+def _training_prompt(train: dict, prompt: str, what: str, of: str) -> dict:
+    if prompt not in train:
+        raise SystemExit(f"{prompt!r} (the {what} of {of!r}) is not a training prompt")
+    return train[prompt]
+
+
 def mirrored_pairs() -> list[tuple[dict, dict]]:
     """(held-out position prompt, the training prompt with the mirrored phrasing) for every
     held-out position prompt; raises if a mirror is not in the training split."""
+    return [(h, m) for h, m, _ in mirrored_triples()]
+
+
+def mirrored_triples() -> list[tuple[dict, dict, dict]]:
+    """(held-out position prompt, its mirror, its swap) for every held-out position prompt: the
+    mirror names the shapes in the other order with the opposite relation (the same scenes),
+    the swap names them in the other order with the same relation (the same words, the opposite
+    scenes: what a model that reads the caption as a bag of words cannot tell apart)."""
     sp = splits()
     train = {m["prompt"]: m for m in sp["train"]}
-    pairs = []
+    out = []
     for m in sp["heldout"]:
         if m["tag"] != "position":
             continue
         placed, rel, ref = _POSITION.match(m["prompt"]).groups()
         mirror = f"a photo of {article(ref)} {ref} {OPPOSITE[rel]} {article(placed)} {placed}"
-        if mirror not in train:
-            raise SystemExit(f"{mirror!r} (the mirror of {m['prompt']!r}) is not a training prompt")
-        pairs.append((m, train[mirror]))
-    return pairs
+        swap = f"a photo of {article(ref)} {ref} {rel} {article(placed)} {placed}"
+        out.append(
+            (
+                m,
+                _training_prompt(train, mirror, "mirror", m["prompt"]),
+                _training_prompt(train, swap, "swap", m["prompt"]),
+            )
+        )
+    return out
 
 
 def run(out: Path, seeds: int, eval_args: list[str]) -> None:
@@ -71,46 +93,59 @@ def run(out: Path, seeds: int, eval_args: list[str]) -> None:
             raise SystemExit(f"flowpo eval failed for {side} (its error is above)")
 
 
-def passes(folder: Path) -> dict[str, list[bool]]:
-    """prompt -> strict pass per seed (seed order) of a `flowpo eval --save-images` folder."""
+def passes(folder: Path, also: dict[str, dict] | None = None) -> dict[str, list[bool]]:
+    """prompt -> strict pass per seed (seed order) of a `flowpo eval --save-images` folder.
+    `also` (prompt -> other metadata): key f"{prompt} as other" holds the passes of the same
+    images under the other metadata's rule."""
     out = {}
     for sub in sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file()):
         meta = json.loads((sub / "metadata.jsonl").read_text().splitlines()[0])
-        out[meta["prompt"]] = [
-            score(detect(np.asarray(Image.open(png).convert("RGB"))), meta)[0]
+        found = [
+            detect(np.asarray(Image.open(png).convert("RGB")))
             for png in sorted((sub / "samples").glob("*.png"))
         ]
+        out[meta["prompt"]] = [score(d, meta)[0] for d in found]
+        if also and meta["prompt"] in also:
+            out[meta["prompt"] + " as other"] = [score(d, also[meta["prompt"]])[0] for d in found]
     return out
 
 
 def table(folders: list[Path], csv: Path | None) -> None:
+    swaps = {h["prompt"]: s for h, _, s in mirrored_triples()}
     rows = []
     for folder in folders:
-        held, train = passes(folder / "heldout"), passes(folder / "train")
+        held, train = passes(folder / "heldout", swaps), passes(folder / "train")
         order = [json.loads(line)["prompt"] for line in (folder / "heldout.jsonl").open()]
         mirrors = [json.loads(line)["prompt"] for line in (folder / "train.jsonl").open()]
         print(f"\n{folder}")
-        print(f"{'held-out prompt':<42} {'held-out':>8} {'mirror':>8} {'agree':>6}")
-        all_h, all_t, agree = [], [], []
+        print(f"{'held-out prompt':<42} {'held-out':>8} {'mirror':>8} {'agree':>6} {'as swap':>8}")
+        all_h, all_t, agree, all_s = [], [], [], []
         for hp, tp in zip(order, mirrors):
-            h, t = held[hp], train[tp]
+            h, t, s = held[hp], train[tp], held[hp + " as other"]
             a = [x == y for x, y in zip(h, t)]
             all_h += h
             all_t += t
             agree += a
-            print(f"{hp[11:]:<42} {np.mean(h):8.3f} {np.mean(t):8.3f} {np.mean(a):6.2f}")
-            rows.append([str(folder), hp, tp, len(h), np.mean(h), np.mean(t), np.mean(a)])
+            all_s += s
+            cells = f"{np.mean(h):8.3f} {np.mean(t):8.3f} {np.mean(a):6.2f} {np.mean(s):8.3f}"
+            print(f"{hp[11:]:<42} {cells}")
+            rows.append(
+                [str(folder), hp, tp, len(h), np.mean(h), np.mean(t), np.mean(a), np.mean(s)]
+            )
         n = len(all_h)
         mh, mt = float(np.mean(all_h)), float(np.mean(all_t))
         se = math.sqrt(mh * (1 - mh) / n + mt * (1 - mt) / n)
+        cells = f"{mh:8.3f} {mt:8.3f} {np.mean(agree):6.2f} {np.mean(all_s):8.3f}"
         print(
-            f"{'all (' + str(n) + ' samples each)':<42} {mh:8.3f} {mt:8.3f} {np.mean(agree):6.2f}"
-            f"   gap {mt - mh:+.3f} (SE {se:.3f})"
+            f"{'all (' + str(n) + ' samples each)':<42} {cells}   gap {mt - mh:+.3f} (SE {se:.3f})"
         )
-        rows.append([str(folder), "all", "all", n, mh, mt, float(np.mean(agree))])
+        rows.append([str(folder), "all", "all", n, mh, mt, np.mean(agree), np.mean(all_s)])
     if csv:
         csv.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["folder,heldout_prompt,mirror_prompt,samples,heldout_strict,mirror_strict,agree"]
+        lines = [
+            "folder,heldout_prompt,mirror_prompt,samples,heldout_strict,mirror_strict,agree,"
+            "heldout_as_swap"
+        ]
         lines += [",".join(f'"{v}"' if isinstance(v, str) else f"{v:.4g}" for v in r) for r in rows]
         csv.write_text("\n".join(lines) + "\n")
         print(f"\nwrote {csv}")

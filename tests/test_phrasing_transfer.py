@@ -24,18 +24,20 @@ def _bench():
     return mod
 
 
-def test_every_heldout_position_prompt_has_a_training_mirror_of_the_same_scenes():
-    pairs = _bench().mirrored_pairs()
+def test_every_heldout_position_prompt_has_a_training_mirror_and_swap():
+    triples = _bench().mirrored_triples()
     sp = splits()
-    assert len(pairs) == sum(m["tag"] == "position" for m in sp["heldout"])
+    assert len(triples) == sum(m["tag"] == "position" for m in sp["heldout"])
     train = {m["prompt"] for m in sp["train"]}
-    for held, mirror in pairs:
-        assert held["prompt"] not in train and mirror["prompt"] in train
-        assert held["prompt"] != mirror["prompt"]
-        # a scene drawn for either phrasing passes the other's strict rule
+    for held, mirror, swap in triples:
+        assert held["prompt"] not in train and {mirror["prompt"], swap["prompt"]} <= train
+        assert sorted(held["prompt"].split()) == sorted(swap["prompt"].split())  # same words
         for seed in range(3):
+            # a scene drawn for either phrasing passes the other's strict rule ...
             assert score(detect(render(held, seed)), mirror)[0]
             assert score(detect(render(mirror, seed)), held)[0]
+            # ... and fails the swap's: the same words describe the opposite scene
+            assert not score(detect(render(held, seed)), swap)[0]
 
 
 def test_table_scores_saved_images_and_counts_agreement(tmp_path, capsys):
@@ -56,5 +58,6 @@ def test_table_scores_saved_images_and_counts_agreement(tmp_path, capsys):
     bench.table([tmp_path], csv)
     rows = csv.read_text().splitlines()
     last = rows[-1].split(",")
-    assert np.allclose([float(x) for x in last[-3:]], [2 / 3, 1.0, 2 / 3], atol=1e-3)
+    # held-out 2/3, mirror 1, agreement 2/3, held-out images passing the swap's rule 0
+    assert np.allclose([float(x) for x in last[-4:]], [2 / 3, 1.0, 2 / 3, 0.0], atol=1e-3)
     assert "gap +0.333" in capsys.readouterr().out
