@@ -223,6 +223,16 @@ def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def metrics_rows(run: Path) -> list[dict]:
     """Every row of RUN/metrics.jsonl, training and evaluation, in the order written."""
     import json

@@ -1,18 +1,10 @@
 """The learning-speed benchmark's prompt pick (benchmarks/bench_learning.py select --pick)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_learning", ROOT / "benchmarks" / "bench_learning.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_learning")
 
 
 def _rows():

@@ -1,9 +1,7 @@
 """benchmarks/phrasing_transfer.py: its pairs describe the same scenes, and its table scores a
 saved evaluation with GenEval's strict rule."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -11,17 +9,11 @@ from PIL import Image
 from flowpo.rewards.geneval_rules import score
 from flowpo.tasks.shapes.detect import detect
 from flowpo.tasks.shapes.world import render, splits
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "phrasing_transfer", ROOT / "benchmarks" / "phrasing_transfer.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("phrasing_transfer")
 
 
 def test_every_heldout_position_prompt_has_a_training_mirror_and_swap():
