@@ -93,35 +93,39 @@ def run(out: Path, seeds: int, eval_args: list[str]) -> None:
             raise SystemExit(f"flowpo eval failed for {side} (its error is above)")
 
 
-def passes(folder: Path, also: dict[str, dict] | None = None) -> dict[str, list[bool]]:
-    """prompt -> strict pass per seed (seed order) of a `flowpo eval --save-images` folder.
-    `also` (prompt -> other metadata): key f"{prompt} as other" holds the passes of the same
-    images under the other metadata's rule."""
+def detections(folder: Path) -> dict[str, tuple[dict, list]]:
+    """prompt -> (its metadata, the detections of each saved image in seed order) of a `flowpo
+    eval --save-images` folder."""
     out = {}
     for sub in sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file()):
         meta = json.loads((sub / "metadata.jsonl").read_text().splitlines()[0])
-        found = [
-            detect(np.asarray(Image.open(png).convert("RGB")))
-            for png in sorted((sub / "samples").glob("*.png"))
-        ]
-        out[meta["prompt"]] = [score(d, meta)[0] for d in found]
-        if also and meta["prompt"] in also:
-            out[meta["prompt"] + " as other"] = [score(d, also[meta["prompt"]])[0] for d in found]
+        out[meta["prompt"]] = (
+            meta,
+            [
+                detect(np.asarray(Image.open(png).convert("RGB")))
+                for png in sorted((sub / "samples").glob("*.png"))
+            ],
+        )
     return out
+
+
+def _passes(found: list, meta: dict) -> list[bool]:
+    return [score(d, meta)[0] for d in found]
 
 
 def table(folders: list[Path], csv: Path | None) -> None:
     swaps = {h["prompt"]: s for h, _, s in mirrored_triples()}
     rows = []
     for folder in folders:
-        held, train = passes(folder / "heldout", swaps), passes(folder / "train")
+        held, train = detections(folder / "heldout"), detections(folder / "train")
         order = [json.loads(line)["prompt"] for line in (folder / "heldout.jsonl").open()]
         mirrors = [json.loads(line)["prompt"] for line in (folder / "train.jsonl").open()]
         print(f"\n{folder}")
         print(f"{'held-out prompt':<42} {'held-out':>8} {'mirror':>8} {'agree':>6} {'as swap':>8}")
         all_h, all_t, agree, all_s = [], [], [], []
         for hp, tp in zip(order, mirrors):
-            h, t, s = held[hp], train[tp], held[hp + " as other"]
+            (meta, found), (tmeta, tfound) = held[hp], train[tp]
+            h, t, s = _passes(found, meta), _passes(tfound, tmeta), _passes(found, swaps[hp])
             a = [x == y for x, y in zip(h, t)]
             all_h += h
             all_t += t

@@ -88,7 +88,7 @@ class GRPOTrainer:
             name = self.run_dir.name
             raise ConfigError(
                 f"logging.run_name '{name}': {self.run_dir} already holds a run (its "
-                f"metrics.jsonl); give another logging.run_name, continue that run with "
+                f"{METRICS_FILE}); give another logging.run_name, continue that run with "
                 f"--resume latest --logging.run_name={name}, or delete the folder"
             )
         if self.rank == 0:
