@@ -305,6 +305,36 @@ def test_counterfactual_prompts_are_world_prompts_that_misdescribe_the_scene():
     assert kinds == {"flip", "swap"}
 
 
+def test_counterfactuals_in_pretraining_never_name_a_held_out_prompt():
+    """Restricted to the training prompts (as pretraining calls it), no training caption's
+    counterfactual is a held-out prompt, while unrestricted some are (the leak the restriction
+    closes); a caption is left without one only where the unrestricted answer was held out,
+    and the restriction changes no answer that was already allowed."""
+    from flowpo.tasks.shapes.pretrain import counterfactual_prompt
+
+    sp = splits()
+    train = {m["prompt"] for m in sp["train"]}
+    held = {m["prompt"] for m in sp["heldout"]}
+    leaked, kept, dropped = 0, 0, 0
+    for m in sp["train"]:
+        if m["tag"] not in ("position", "color_attr"):
+            continue
+        for seed in range(4):
+            free = counterfactual_prompt(m, random.Random(seed))
+            q = counterfactual_prompt(m, random.Random(seed), train)
+            leaked += free in held
+            if q is None:
+                dropped += 1
+                assert free in held
+                continue
+            assert q in train and q not in held
+            if free in train:
+                assert q == free
+                kept += 1
+    assert leaked > 0 and kept > 0
+    assert dropped < leaked  # most leaks are replaced by the other form, not dropped
+
+
 def test_caption_contrast_loss_prefers_the_true_caption():
     """softplus(-beta (L_counter - L_true)): log 2 at a tie, near 0 when the true caption fits
     much better, and its gradient lowers the true caption's error and raises the other's."""

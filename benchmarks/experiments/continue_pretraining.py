@@ -77,6 +77,7 @@ opt = torch.optim.AdamW(
 )
 sp = splits()
 by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
+train_prompts = {m["prompt"] for m in sp["train"]}  # counterfactuals never name a held-out one
 noise = {"counting": CAPTION_NOISE["counting"]} if clean else dict(CAPTION_NOISE)
 
 
@@ -119,7 +120,7 @@ for step in range(1, steps + 1):
     if args.contrast > 0:
         rows, counter = [], []
         for i, (m, p) in enumerate(zip(metas, prompts)):
-            q = counterfactual_prompt(m, rng) if p else None
+            q = counterfactual_prompt(m, rng, train_prompts) if p else None
             if q is not None:
                 rows.append(i)
                 counter.append(q)

@@ -55,6 +55,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -323,23 +324,32 @@ def flow_matching_sq_error(forward, x0, eps, sigma, pe, pooled) -> torch.Tensor:
     return (v - (eps - x0)) ** 2
 
 
-def counterfactual_prompt(meta: dict, rng: random.Random) -> str | None:
+def counterfactual_prompt(
+    meta: dict, rng: random.Random, allowed: Collection[str] | None = None
+) -> str | None:
     """A prompt of the world that names the same words as `meta`'s but does not describe its
     scene: a position caption with its relation flipped or its two shapes exchanged (one of the
     two at random), a color_attr caption with its two colours exchanged; None for the other tags
-    and for position captions that name one shape twice."""
+    and for position captions that name one shape twice.
+
+    `allowed` (pretraining passes the training split's prompts) restricts the answer to those
+    prompts: a form outside it is replaced by the other form, or None when both are outside.
+    Without it a training caption's counterfactual is a held-out prompt about one time in ten
+    (position) or twenty (color_attr), and the contrast would train on held-out prompt text."""
     if meta["tag"] == "position":
         ref, placed = meta["include"]
         a, b, rel = placed["class"], ref["class"], placed["position"][0]
         if a == b:
             return None
-        if rng.random() < 0.5:
-            return f"a photo of a {a} {OPPOSITE[rel]} a {b}"
-        return f"a photo of a {b} {rel} a {a}"
-    if meta["tag"] == "color_attr":
+        forms = [f"a photo of a {a} {OPPOSITE[rel]} a {b}", f"a photo of a {b} {rel} a {a}"]
+        if rng.random() >= 0.5:
+            forms.reverse()
+    elif meta["tag"] == "color_attr":
         (a, ca), (b, cb) = [(c["class"], c["color"]) for c in meta["include"]]
-        return f"a photo of {article(cb)} {cb} {a} and {article(ca)} {ca} {b}"
-    return None
+        forms = [f"a photo of {article(cb)} {cb} {a} and {article(ca)} {ca} {b}"]
+    else:
+        return None
+    return next((f for f in forms if allowed is None or f in allowed), None)
 
 
 def caption_contrast_loss(
@@ -399,6 +409,7 @@ def pretrain(
     rng = random.Random(seed)
     sp = splits()
     by_tag = {t: [m for m in sp["train"] if m["tag"] == t] for t in TAGS}
+    train_prompts = {m["prompt"] for m in sp["train"]}  # the contrast's counterfactuals
     pipe = build_base(seed, sigma_shift)
     modules = trained_modules(pipe)
     # a later stage of a staged recipe starts from a saved base's weights (a resumed one loads
@@ -559,7 +570,7 @@ def pretrain(
                 c_x0, c_eps, c_sigma, c_err = x0, eps, sigma, err
             rows, counter = [], []
             for i, (m, p, ok) in enumerate(zip(c_metas, c_prompts, c_matched)):
-                q = counterfactual_prompt(m, rng) if p and ok else None
+                q = counterfactual_prompt(m, rng, train_prompts) if p and ok else None
                 if q is not None:
                     rows.append(i)
                     counter.append(q)
