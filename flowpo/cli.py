@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "--staged",
         action="store_true",
         help="run the committed base's staged recipe (five stages in OUT_DIR/stage1..5, the "
-        "final model in OUT_DIR; about 2.1 h with two threads on an idle 2-core host); its "
+        "final model in OUT_DIR; about 2.0 h with two threads on an idle 2-core host); its "
         "settings are fixed, `--resume OUT_DIR` continues it",
     )
     p2.add_argument(
