@@ -107,6 +107,10 @@ class RolloutConfig:
     """entropy plan: 0 = adaptive merging by entropy_tau; > 0 = merge this many steps each."""
     prompt_file: str = ""
     """Text file with one prompt per line; empty = `prompts` below."""
+    tag_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight of each prompt tag (the metadata's "tag", e.g. GenEval's six): a tag's
+    share of the epoch's prompt draws is its weight over the sum, spread evenly over its
+    prompts; empty = every prompt equally likely. Tags not named are never drawn."""
     prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -476,6 +480,14 @@ class Config:
             )
         if not r.prompt_file and not r.prompts:
             raise ConfigError("rollout.prompts is empty; give prompts or rollout.prompt_file")
+        if r.tag_weights and (
+            any(not isinstance(w, (int, float)) or w < 0 for w in r.tag_weights.values())
+            or sum(r.tag_weights.values()) <= 0
+        ):
+            raise ConfigError(
+                f"rollout.tag_weights ({r.tag_weights}) must map tags to weights >= 0 with a "
+                "positive sum, e.g. {two_object: 1, position: 1}; {} draws every prompt equally"
+            )
         e = self.engine
         if e.offload_params and e.zero_stage != 3:
             raise ConfigError(

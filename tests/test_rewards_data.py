@@ -135,3 +135,39 @@ def test_adapter_guidance_block_restores_the_scale(tiny_dirs):
     assert adapter.guidance_scale == 1.0 and not adapter.cfg_active
     with adapter.guidance(None):
         assert adapter.guidance_scale == 1.0
+
+
+def test_tag_weights_balance_the_drawn_tags_whatever_their_prompt_counts():
+    from collections import Counter
+
+    from flowpo.config import ConfigError
+    from flowpo.trainer.data import KRepeatSampler, tag_sampling_weights
+
+    # 90 prompts of tag a, 10 of tag b, none of c: uniform draws give b a tenth of the groups
+    metas = [{"prompt": f"a{i}", "tag": "a"} for i in range(90)]
+    metas += [{"prompt": f"b{i}", "tag": "b"} for i in range(10)]
+    prompts = [m["prompt"] for m in metas]
+
+    def shares(strata):
+        s = KRepeatSampler(
+            prompts,
+            group_size=4,
+            images_per_rank=32,
+            world_size=1,
+            rank=0,
+            seed=3,
+            metadata=metas,
+            strata=strata,
+        )
+        c = Counter(it.metadata["tag"] for e in range(300) for it in s.epoch_items(e))
+        return c["b"] / sum(c.values())
+
+    assert abs(shares(None) - 0.10) < 0.02
+    assert abs(shares(tag_sampling_weights(metas, {"a": 1, "b": 1})) - 0.5) < 0.03
+    assert abs(shares(tag_sampling_weights(metas, {"a": 1, "b": 3})) - 0.75) < 0.03
+    assert shares(tag_sampling_weights(metas, {"b": 1})) == 1.0  # unnamed tags never drawn
+    assert tag_sampling_weights(metas, {}) is None
+    with pytest.raises(ConfigError, match="names \\['c'\\]"):
+        tag_sampling_weights(metas, {"a": 1, "c": 1})
+    with pytest.raises(ConfigError, match="'tag'"):
+        tag_sampling_weights([{"prompt": "x"}], {"a": 1})

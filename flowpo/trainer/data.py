@@ -99,6 +99,36 @@ def load_prompt_items(
     return list(prompts), [{} for _ in prompts]
 
 
+def tag_sampling_weights(
+    metadata: list[dict[str, Any]], tag_weights: dict[str, float], *, source: str = ""
+) -> list[tuple[float, list[int]]] | None:
+    """Strata for `rollout.tag_weights`: (weight, prompt indices) per tag with weight > 0, so
+    that a tag's share of the draws is its weight over the sum whatever its number of prompts
+    (GenEval's overall is a mean over tags). None when tag_weights is empty."""
+    if not tag_weights:
+        return None
+    by_tag: dict[str, list[int]] = {}
+    for n, m in enumerate(metadata):
+        tag = m.get("tag")
+        if tag is None:
+            raise ConfigError(
+                f"rollout.tag_weights needs a 'tag' in every prompt's metadata; prompt {n + 1} of "
+                f"{source or 'the prompts'} has none (use a GenEval-style .jsonl or shapes:train, "
+                "or set rollout.tag_weights={})"
+            )
+        by_tag.setdefault(tag, []).append(n)
+    missing = sorted(t for t, w in tag_weights.items() if w > 0 and t not in by_tag)
+    if missing:
+        raise ConfigError(
+            f"rollout.tag_weights names {missing}, which no prompt of {source or 'the prompts'} "
+            f"has (its tags: {sorted(by_tag)})"
+        )
+    strata = [(float(w), by_tag[t]) for t, w in tag_weights.items() if w > 0]
+    if not strata:
+        raise ConfigError(f"rollout.tag_weights ({tag_weights}) gives every tag weight 0")
+    return strata
+
+
 @dataclass
 class PromptItem:
     prompt: str
@@ -123,6 +153,7 @@ class KRepeatSampler:
         rank: int,
         seed: int,
         metadata: list[dict[str, Any]] | None = None,
+        strata: list[tuple[float, list[int]]] | None = None,
     ):
         total = images_per_rank * world_size
         if total % group_size:
@@ -137,6 +168,7 @@ class KRepeatSampler:
         self.rank = rank
         self.seed = seed
         self.prompts_per_epoch = total // group_size
+        self.strata = strata
 
     def epoch_items(self, epoch: int, contiguous_groups: bool = False) -> list[PromptItem]:
         """This rank's `images_per_rank` items for `epoch` (deterministic in seed and epoch).
@@ -147,7 +179,24 @@ class KRepeatSampler:
         """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.prompts)
-        if self.prompts_per_epoch <= n:
+        if self.strata is not None:
+            # each draw picks a tag by weight, then a prompt of that tag (without replacement
+            # while the tag has unused prompts)
+            w = torch.tensor([sw for sw, _ in self.strata], dtype=torch.float64)
+            tags = torch.multinomial(w, self.prompts_per_epoch, replacement=True, generator=g)
+            idx = torch.empty(self.prompts_per_epoch, dtype=torch.long)
+            for t, (_, members) in enumerate(self.strata):
+                slots = (tags == t).nonzero().flatten()
+                k, m = slots.numel(), len(members)
+                if not k:
+                    continue
+                pick = (
+                    torch.randperm(m, generator=g)[:k]
+                    if k <= m
+                    else torch.randint(0, m, (k,), generator=g)
+                )
+                idx[slots] = torch.tensor(members)[pick]
+        elif self.prompts_per_epoch <= n:
             idx = torch.randperm(n, generator=g)[: self.prompts_per_epoch]
         else:
             idx = torch.randint(0, n, (self.prompts_per_epoch,), generator=g)
