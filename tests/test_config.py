@@ -150,3 +150,15 @@ def test_micro_batch_0_follows_a_step_smaller_than_the_rollout_batch():
     assert sizes["gradient_accumulation_steps"] == 9
     big = load_config(None, ["--rollout.num_batches=8", "--train.steps_per_epoch=2"])
     assert big.micro_batch_size == big.rollout.batch_size
+
+
+def test_tag_weights_are_checked_and_parsed():
+    cfg = load_config(None, ['rollout.tag_weights={"position": 1, "color_attr": 2}'])
+    assert cfg.rollout.tag_weights == {"position": 1.0, "color_attr": 2.0}
+    cfg.validate()
+    for bad in ('{"position": -1}', '{"position": 0}'):
+        cfg = load_config(None, [f"rollout.tag_weights={bad}"])
+        with pytest.raises(
+            ConfigError, match=r"rollout.tag_weights .* weights >= 0 with a positive"
+        ):
+            cfg.validate()
