@@ -203,6 +203,12 @@ class ForwardConfig:
     """Cap of eta; < 0 = the algorithm's published value (nft 0.5, awm 0.3)."""
     old_decay_delay: int = 0
     """Optimizer steps before eta leaves 0 (DiffusionNFT OCR: 75, rate 0.0075, max 0.999)."""
+    rollout_guidance_scale: float = 0.0
+    """CFG scale of the rollouts (the samples the policy learns from); 0 = sampling.guidance_scale.
+    The training forwards and the evaluations keep sampling.guidance_scale (eval.guidance_scale):
+    e.g. 3 here and 1 there trains a CFG-free policy on guided samples of its old policy, which
+    the reward then sorts into better and worse (the loss needs only clean samples and their
+    rewards, not their sampler; docs/algorithms.md §7)."""
     num_times: int = 0
     """K training times per sample; 0 = floor(T * rollout.timestep_fraction) (schedule times),
     one less (stratified). AWM published 6 (T = 14, fraction 0.9)."""

@@ -228,6 +228,8 @@ def test_old_policy_fold_and_swap():
         (["--train.algorithm=nft", "--train.ratio_norm=true"], "train.ratio_norm"),
         (["--train.algorithm=nft", "--forward.num_times=11"], "forward.num_times"),
         (["--train.algorithm=nft", "--forward.nft_beta=0"], "forward.nft_beta"),
+        (["--train.algorithm=nft", "--forward.rollout_guidance_scale=-1"], "forward.rollout"),
+        (["--forward.rollout_guidance_scale=3"], "forward.rollout_guidance_scale"),  # grpo
         (["--train.algorithm=awm", "--train.steps_per_epoch=2"], "train.steps_per_epoch"),
         (["--train.algorithm=awm", "--forward.awm_weighting=cosine"], "forward.awm_weighting"),
     ],
@@ -282,6 +284,33 @@ def test_nft_trains_two_epochs_and_resumes_bit_identically(tmp_path):
         return {k: v for k, v in r.items() if not k.startswith("time/")}
 
     assert json.dumps(numbers(resumed[-1])) == json.dumps(numbers(rows[-1]))
+
+
+@pytest.mark.slow
+def test_nft_rollout_guidance_samples_with_cfg_and_trains_the_unguided_policy(tmp_path):
+    """forward.rollout_guidance_scale=3 with sampling.guidance_scale=1: the first epoch's
+    rollouts are those of a run whose policy is guided at 3 (the same reward), but its training
+    forwards are not (another loss); CFG-free rollouts give other images."""
+    common = [
+        "train", "-c", "configs/tiny_sd3_jpeg.yaml", f"--logging.run_dir={tmp_path}",
+        "--logging.wandb=off", "--logging.progress=false", "--rollout.batch_size=4",
+        "--rollout.num_batches=1", "--rollout.group_size=4", "--sampling.num_steps=3",
+        "--eval.at_start=false", "--eval.at_end=false", "--eval.every=0", "--train.epochs=1",
+        "--train.algorithm=nft", "--train.beta=0",
+    ]  # fmt: skip
+    runs = {
+        "roll3": ["--sampling.guidance_scale=1", "--forward.rollout_guidance_scale=3"],
+        "policy3": ["--sampling.guidance_scale=3"],
+        "free": ["--sampling.guidance_scale=1"],
+    }
+    rows = {}
+    for name, extra in runs.items():
+        proc = flowpo_main(*common, f"--logging.run_name={name}", *extra)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        (rows[name],) = train_rows(tmp_path / name)
+    assert rows["roll3"]["reward_mean"] == rows["policy3"]["reward_mean"]
+    assert rows["roll3"]["reward_mean"] != rows["free"]["reward_mean"]
+    assert rows["roll3"]["train/loss"] != rows["policy3"]["train/loss"]
 
 
 NFT = ["--train.algorithm=nft", "--train.learning_rate=1e-4", "--train.beta=0.01"]

@@ -30,6 +30,8 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     rollouts: ClassVar[str] = "SDE rollouts"  # how training images are sampled (the summary)
+    # CFG scale the rollouts sample (and their prompts are encoded) with; None = the adapter's
+    rollout_guidance_scale: float | None = None
 
     def __init__(self, trainer):
         self.trainer = trainer

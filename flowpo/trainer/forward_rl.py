@@ -215,6 +215,11 @@ class _ForwardRL(Algorithm):
                 f"but {times} times allow 1..{lim - 1} (sampling.num_steps={steps}, "
                 f"rollout.timestep_fraction={r.timestep_fraction}); set forward.num_times"
             )
+        if cfg.forward.rollout_guidance_scale < 0:
+            raise ConfigError(
+                f"forward.rollout_guidance_scale ({cfg.forward.rollout_guidance_scale}) must be "
+                ">= 0 (0 = sampling.guidance_scale, 1 = CFG-free rollouts)"
+            )
         if cfg.forward.nft_beta <= 0:
             raise ConfigError(f"forward.nft_beta ({cfg.forward.nft_beta}) must be > 0")
         if cfg.forward.old_decay_rate < 0 or cfg.forward.old_decay_max >= 1:
@@ -240,6 +245,7 @@ class _ForwardRL(Algorithm):
         self.k = self.num_times(self.cfg)
         self._old: OldPolicy | None = None
         self.times_mode = self.times_mode_of(self.cfg)
+        self.rollout_guidance_scale = self.cfg.forward.rollout_guidance_scale or None
 
     @property
     def old(self) -> OldPolicy:
@@ -267,7 +273,7 @@ class _ForwardRL(Algorithm):
         adapter = self.trainer.adapter
         x = adapter.initial_noise(len(embeds), gen)
         n = x.shape[0]
-        with self._sampling_scope():
+        with self._sampling_scope(), adapter.guidance(self.rollout_guidance_scale):
             for k in range(len(sigmas) - 1):
                 v = adapter.velocity(x, sigmas[k].expand(n), embeds)
                 x = ode_step(x, v, sigmas[k].expand(n), sigmas[k + 1].expand(n))

@@ -221,7 +221,9 @@ class GRPOTrainer:
         images on workers."""
         cfg = self.cfg
         items = self.sampler.epoch_items(epoch, contiguous_groups=self.plan.shares_prefix)
-        embeds = self.adapter.encode_prompts([it.prompt for it in items])
+        # with the negative prompt too when the rollouts use CFG and the policy does not
+        with self.adapter.guidance(self.algo.rollout_guidance_scale):
+            embeds = self.adapter.encode_prompts([it.prompt for it in items])
         bs = cfg.rollout.batch_size
         gen = self._generator(epoch, self.rank)
         sigmas = self.schedule()

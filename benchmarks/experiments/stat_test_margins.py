@@ -1,0 +1,57 @@
+"""The margin of the issue's statistical test on the committed base, for several seeds.
+
+`tests/test_shapes_rl.py::test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_se`
+runs the default recipe for 10 epochs on four training prompts with reward spread and asks the
+rollouts' strict rate (first 3 vs last 3 epochs, 192 images each) to rise by more than 3 binomial
+standard errors. The test runs one seed; this script runs the same command for each seed given
+and prints the rise in standard errors, so a change of the base or the recipe can be checked
+for margin, not only for a pass.
+
+    OMP_NUM_THREADS=1 python benchmarks/experiments/stat_test_margins.py WORK_DIR [SEED ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.test_shapes_rl import FOUR_WITH_SPREAD  # noqa: E402  (the test's own prompts)
+
+
+def margin(work: Path, seed: int) -> tuple[list[float], float]:
+    prompts = work / "four.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in FOUR_WITH_SPREAD))
+    name = f"nft_seed{seed}"
+    subprocess.run(
+        [sys.executable, "-m", "flowpo.cli", "train", f"--logging.run_dir={work}",
+         f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={prompts}",
+         "--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=10",
+         "--eval.every=0", "--eval.at_start=false", "--eval.at_end=false", f"--train.seed={seed}"],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+    strict = [r["reward/shapes/strict_mean"] for r in rows if "train/loss" in r]
+    n = 3 * 64
+    first, last = sum(strict[:3]) / 3, sum(strict[-3:]) / 3
+    se = math.sqrt(first * (1 - first) / n + last * (1 - last) / n)
+    return strict, (last - first) / se
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in sys.argv[2:]] or [0, 1, 2]
+    for seed in seeds:
+        strict, m = margin(work, seed)
+        first, last = sum(strict[:3]) / 3, sum(strict[-3:]) / 3
+        print(f"seed {seed}: strict rate {first:.3f} -> {last:.3f}, rise {m:.1f} SE (bar 3)")
+
+
+if __name__ == "__main__":
+    main()
