@@ -208,7 +208,8 @@ class ForwardConfig:
     The training forwards and the evaluations keep sampling.guidance_scale (eval.guidance_scale):
     e.g. 3 here and 1 there trains a CFG-free policy on guided samples of its old policy, which
     the reward then sorts into better and worse (the loss needs only clean samples and their
-    rewards, not their sampler; docs/algorithms.md §7)."""
+    rewards, not their sampler). It does not distill the guidance: on the shapes world it made
+    the CFG-free policy worse (docs/algorithms.md §7, docs/results.md)."""
     num_times: int = 0
     """K training times per sample; 0 = floor(T * rollout.timestep_fraction) (schedule times),
     one less (stratified). AWM published 6 (T = 14, fraction 0.9)."""

@@ -46,8 +46,6 @@ class GRPO(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        # the first ratio is exactly 1 only if re-scoring sees what sampling saw; a model whose
-        # rows depend on their batch (Bagel) must re-score in the sampling batches themselves
         if cfg.forward.rollout_guidance_scale:
             raise ConfigError(
                 f"forward.rollout_guidance_scale ({cfg.forward.rollout_guidance_scale}) is for "
@@ -55,6 +53,8 @@ class GRPO(Algorithm):
                 "guidance in training (set sampling.guidance_scale instead, and "
                 "forward.rollout_guidance_scale=0)"
             )
+        # the first ratio is exactly 1 only if re-scoring sees what sampling saw; a model whose
+        # rows depend on their batch (Bagel) must re-score in the sampling batches themselves
         family = family_of(cfg.model.family, cfg.model.path)
         mb, bs = cfg.micro_batch_size, cfg.rollout.batch_size
         if family is not None and not adapter_class(family).batch_invariant and mb != bs:
