@@ -141,7 +141,7 @@ def test_tag_weights_balance_the_drawn_tags_whatever_their_prompt_counts():
     from collections import Counter
 
     from flowpo.config import ConfigError
-    from flowpo.trainer.data import KRepeatSampler, tag_sampling_weights
+    from flowpo.trainer.data import KRepeatSampler, tag_strata
 
     # 90 prompts of tag a, 10 of tag b, none of c: uniform draws give b a tenth of the groups
     metas = [{"prompt": f"a{i}", "tag": "a"} for i in range(90)]
@@ -163,11 +163,11 @@ def test_tag_weights_balance_the_drawn_tags_whatever_their_prompt_counts():
         return c["b"] / sum(c.values())
 
     assert abs(shares(None) - 0.10) < 0.02
-    assert abs(shares(tag_sampling_weights(metas, {"a": 1, "b": 1})) - 0.5) < 0.03
-    assert abs(shares(tag_sampling_weights(metas, {"a": 1, "b": 3})) - 0.75) < 0.03
-    assert shares(tag_sampling_weights(metas, {"b": 1})) == 1.0  # unnamed tags never drawn
-    assert tag_sampling_weights(metas, {}) is None
+    assert abs(shares(tag_strata(metas, {"a": 1, "b": 1})) - 0.5) < 0.03
+    assert abs(shares(tag_strata(metas, {"a": 1, "b": 3})) - 0.75) < 0.03
+    assert shares(tag_strata(metas, {"b": 1})) == 1.0  # unnamed tags never drawn
+    assert tag_strata(metas, {}) is None
     with pytest.raises(ConfigError, match="names \\['c'\\]"):
-        tag_sampling_weights(metas, {"a": 1, "c": 1})
+        tag_strata(metas, {"a": 1, "c": 1})
     with pytest.raises(ConfigError, match="'tag'"):
-        tag_sampling_weights([{"prompt": "x"}], {"a": 1})
+        tag_strata([{"prompt": "x"}], {"a": 1})

@@ -99,7 +99,7 @@ def load_prompt_items(
     return list(prompts), [{} for _ in prompts]
 
 
-def tag_sampling_weights(
+def tag_strata(
     metadata: list[dict[str, Any]], tag_weights: dict[str, float], *, source: str = ""
 ) -> list[tuple[float, list[int]]] | None:
     """Strata for `rollout.tag_weights`: (weight, prompt indices) per tag with weight > 0, so
@@ -169,6 +169,9 @@ class KRepeatSampler:
         self.seed = seed
         self.prompts_per_epoch = total // group_size
         self.strata = strata
+        self._tag_weights = (
+            None if strata is None else torch.tensor([w for w, _ in strata], dtype=torch.float64)
+        )
 
     def epoch_items(self, epoch: int, contiguous_groups: bool = False) -> list[PromptItem]:
         """This rank's `images_per_rank` items for `epoch` (deterministic in seed and epoch).
@@ -182,8 +185,9 @@ class KRepeatSampler:
         if self.strata is not None:
             # each draw picks a tag by weight, then a prompt of that tag (without replacement
             # while the tag has unused prompts)
-            w = torch.tensor([sw for sw, _ in self.strata], dtype=torch.float64)
-            tags = torch.multinomial(w, self.prompts_per_epoch, replacement=True, generator=g)
+            tags = torch.multinomial(
+                self._tag_weights, self.prompts_per_epoch, replacement=True, generator=g
+            )
             idx = torch.empty(self.prompts_per_epoch, dtype=torch.long)
             for t, (_, members) in enumerate(self.strata):
                 slots = (tags == t).nonzero().flatten()

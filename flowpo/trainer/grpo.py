@@ -28,7 +28,7 @@ from flowpo.trainer.checkpoint import (
     resume,
     save_checkpoint,
 )
-from flowpo.trainer.data import KRepeatSampler, load_prompt_items, tag_sampling_weights
+from flowpo.trainer.data import KRepeatSampler, load_prompt_items, tag_strata
 from flowpo.trainer.ema import TrainingEMA
 from flowpo.trainer.engine import Collectives, Engine, close_distributed, init_distributed
 from flowpo.trainer.evaluation import (
@@ -121,9 +121,7 @@ class GRPOTrainer:
             rank=self.rank,
             seed=cfg.train.seed,
             metadata=metas,
-            strata=tag_sampling_weights(
-                metas, cfg.rollout.tag_weights, source=cfg.rollout.prompt_file
-            ),
+            strata=tag_strata(metas, cfg.rollout.tag_weights, source=cfg.rollout.prompt_file),
         )
         self._prepare_frozen_parts(prompts)
         self.plan = build_plan(cfg)
