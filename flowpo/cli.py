@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     p2.add_argument(
         "--staged",
         action="store_true",
-        help="run the committed base's staged recipe (five stages in OUT_DIR/stage1..5, the "
-        "final model in OUT_DIR; about 2.0 h with two threads on an idle 2-core host); its "
+        help="run the committed base's staged recipe (seven stages in OUT_DIR/stage1..7, the "
+        "final model in OUT_DIR; about 2.4 h with two threads on an idle 2-core host); its "
         "settings are fixed, `--resume OUT_DIR` continues it",
     )
     p2.add_argument(

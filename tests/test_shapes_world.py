@@ -4,6 +4,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -688,3 +689,21 @@ def test_staged_pretraining_cli_refuses_settings_of_its_own(tmp_path, capsys):
     (tmp_path / "m" / "staged_recipe.json").write_text('{"stages": [{}], "compile": true}')
     assert main(["pretrain-shapes", "--resume", str(tmp_path / "m"), "--snapshot", "x"]) == 2
     assert "no stage has saved a state yet" in capsys.readouterr().err
+
+
+def test_committed_base_was_made_by_the_staged_recipe():
+    """The committed base's `pretrain_summary.json` lists one stage per entry of
+    `pretrain.BASE_STAGES` with the same settings, so the recipe `--staged` runs and the model
+    it is said to reproduce cannot drift apart."""
+    from flowpo.tasks.shapes.pretrain import BASE_STAGES, FOCUS_TAGS, SUMMARY_FILE, stage_json
+
+    base = Path(__file__).resolve().parents[1] / "flowpo" / "tasks" / "shapes" / "base_model"
+    made = json.loads((base / SUMMARY_FILE).read_text())["stages"]
+    recipe = stage_json(BASE_STAGES)
+    assert len(made) == len(recipe)
+    for i, (done, want) in enumerate(zip(made, recipe), 1):
+        for key in ("steps", "lr", "contrast_weight", "contrast_batch", "caption_noise"):
+            if key in want:
+                assert done[key] == want[key], (i, key)
+        if "focus_tags" in want:  # recorded only where it differs from the default
+            assert done.get("focus_tags", list(FOCUS_TAGS)) == want["focus_tags"], i
