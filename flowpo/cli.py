@@ -24,7 +24,7 @@ from flowpo.config import ConfigError, apply_overrides, config_from_dict, load_c
 
 # the committed shapes-world base (flowpo/tasks/shapes/base_model) is made by the staged recipe
 # (`flowpo pretrain-shapes OUT --staged`, pretrain.BASE_STAGES) whose first stage is a
-# PRETRAIN_STEPS-step run with the defaults below (docs/results.md, "The committed placing base")
+# PRETRAIN_STEPS-step run with the defaults below (docs/results.md, "The binding base")
 PRETRAIN_STEPS = 4000
 
 TRAIN_HELP = """Run online RL (Flow-GRPO, DiffusionNFT, AWM) on a flow-matching model.

@@ -706,7 +706,7 @@ def save_snapshot(state_dir: str, out_dir: str) -> int:
     return int(st["step"])
 
 
-# The committed base's staged recipe (docs/results.md, "The committed placing base"): the
+# The committed base's staged recipe (docs/results.md, "The binding base"): the
 # flow-matching base of 4000 steps, then a stage that teaches placement by the relation word
 # (clean position captions, a caption contrast at noise levels >= 0.7 on 42 position scenes of
 # its own each step), then three short continuations at a lower learning rate that recover the
