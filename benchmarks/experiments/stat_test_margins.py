@@ -7,7 +7,9 @@ standard errors. The test runs one seed; this script runs the same command for e
 and prints the rise in standard errors, so a change of the base or the recipe can be checked
 for margin, not only for a pass.
 
-    OMP_NUM_THREADS=1 python benchmarks/experiments/stat_test_margins.py WORK_DIR [SEED ...]
+    OMP_NUM_THREADS=1 python benchmarks/experiments/stat_test_margins.py WORK_DIR [SEED ...] [-- OVERRIDES]
+
+Overrides after `--` are added to the test's command (to try a change before making it the test's).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.test_shapes_rl import FOUR_WITH_SPREAD  # noqa: E402  (the test's own prompts)
 
 
-def margin(work: Path, seed: int) -> tuple[list[float], float]:
+def margin(work: Path, seed: int, extra: list[str]) -> tuple[list[float], float]:
     prompts = work / "four.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in FOUR_WITH_SPREAD))
     name = f"nft_seed{seed}"
@@ -32,7 +34,8 @@ def margin(work: Path, seed: int) -> tuple[list[float], float]:
         [sys.executable, "-m", "flowpo.cli", "train", f"--logging.run_dir={work}",
          f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={prompts}",
          "--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=10",
-         "--eval.every=0", "--eval.at_start=false", "--eval.at_end=false", f"--train.seed={seed}"],
+         "--eval.every=0", "--eval.at_start=false", "--eval.at_end=false", f"--train.seed={seed}",
+         *extra],
         cwd=ROOT, check=True,
     )  # fmt: skip
     rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
@@ -46,9 +49,12 @@ def margin(work: Path, seed: int) -> tuple[list[float], float]:
 def main() -> None:
     work = Path(sys.argv[1])
     work.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in sys.argv[2:]] or [0, 1, 2]
+    args = sys.argv[2:]
+    extra = args[args.index("--") + 1 :] if "--" in args else []
+    args = args[: args.index("--")] if "--" in args else args
+    seeds = [int(s) for s in args] or [0, 1, 2]
     for seed in seeds:
-        strict, m = margin(work, seed)
+        strict, m = margin(work, seed, extra)
         first, last = sum(strict[:3]) / 3, sum(strict[-3:]) / 3
         print(f"seed {seed}: strict rate {first:.3f} -> {last:.3f}, rise {m:.1f} SE (bar 3)")
 
