@@ -77,32 +77,35 @@ def test_shapes_job_and_eval(tmp_path):
     assert no_ckpt.returncode == 2 and "give --checkpoint too" in no_ckpt.stderr
 
 
-# Four training prompts where the base succeeds about half the time or more but not always
-# (16 CFG-free ODE seeds: 0.56, 0.50, 0.75, 0.69 on the 4000-step base where they were picked,
-# 0.50, 0.50, 0.63, 0.69 on the committed placing base; `python benchmarks/bench_learning.py
-# select`), each epoch the same four, so the rollouts' strict rate compares across epochs (with
-# many prompts it follows the order in which they are drawn: docs/results.md, fourth round).
+# Four training prompts where the committed base succeeds about half the time: of the two_object
+# and colors training prompts (the tags RL raises fastest), the four whose success rate over 16
+# CFG-free ODE seeds is closest to 0.5 (`python benchmarks/bench_learning.py select` on the
+# binding base: 0.50, 0.50, 0.56, 0.56). Each epoch draws the same four, so the rollouts' strict
+# rate compares across epochs (with many prompts it follows the order in which they are drawn:
+# docs/results.md, fourth round). The four used on the earlier bases (circle and ring, square and
+# triangle, blue circle, green ring) score 0.50, 0.63, 0.75, 0.75 on this one: too little room.
 FOUR_WITH_SPREAD = [
     {"tag": "two_object", "prompt": "a photo of a circle and a ring",
      "include": [{"class": "circle", "count": 1}, {"class": "ring", "count": 1}]},
-    {"tag": "two_object", "prompt": "a photo of a square and a triangle",
-     "include": [{"class": "square", "count": 1}, {"class": "triangle", "count": 1}]},
-    {"tag": "colors", "prompt": "a photo of a blue circle",
-     "include": [{"class": "circle", "count": 1, "color": "blue"}]},
-    {"tag": "colors", "prompt": "a photo of a green ring",
-     "include": [{"class": "ring", "count": 1, "color": "green"}]},
+    {"tag": "colors", "prompt": "a photo of a red ring",
+     "include": [{"class": "ring", "count": 1, "color": "red"}]},
+    {"tag": "two_object", "prompt": "a photo of a circle and a diamond",
+     "include": [{"class": "circle", "count": 1}, {"class": "diamond", "count": 1}]},
+    {"tag": "two_object", "prompt": "a photo of a square and a ring",
+     "include": [{"class": "square", "count": 1}, {"class": "ring", "count": 1}]},
 ]  # fmt: skip
 
 
 def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_se(tmp_path):
     """The issue's check: a short run on the shapes reward from the committed base; strict
     accuracy of the rollouts (the shapes reward's GenEval-rule pass rate, CFG-free ODE samples of
-    the old policy) pooled over the first 3 vs the last 3 of 10 epochs, 192 images each, binomial
-    standard error, with the default recipe (four optimizer steps an epoch). On the first
-    placing base: 0.625 -> 0.802 (3.9 SE; train.seed 1 and 2: 3.4 and 4.2 SE; one step an epoch
-    3.2 and 3.9); on the committed base made without held-out text 0.641 -> 0.812 (3.9 SE;
-    seeds 1 and 2: 4.4 and 4.3 SE; benchmarks/experiments/stat_test_margins.py). On the 4000-step base the one-step update gave 0.70 -> 0.90 (4.9 SE), on the
-    base before it (32 images an epoch, lr 1e-3) 0.50 -> 0.81 (4.8 SE): docs/results.md, "The
+    the old policy) pooled over the first 3 vs the last 3 of 14 epochs, 192 images each, binomial
+    standard error, with the default recipe (four optimizer steps an epoch). On the binding base:
+    0.578 -> 0.833 (5.7 SE; train.seed 1 and 2: 5.2 and 4.4 SE; about 200 s with one thread
+    beside another job); with 10 epochs the same runs rose 3.4 / 1.2 / 5.4 SE, too close to the
+    bar (benchmarks/experiments/stat_test_margins.py; docs/results.md, "The binding base"). On
+    the placing base, 10 epochs and the earlier four prompts: 0.641 -> 0.812 (3.9 SE); on the
+    4000-step base the one-step update gave 0.70 -> 0.90 (4.9 SE): docs/results.md, "The
     statistical test on the shapes reward"."""
     prompts = tmp_path / "four.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in FOUR_WITH_SPREAD))
@@ -114,13 +117,13 @@ def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_
         f"--rollout.prompt_file={prompts}",
         "--rollout.batch_size=16",
         "--rollout.num_batches=4",  # 64 images: the 4 prompts x 2 groups of 8 every epoch
-        "--train.epochs=10",  # the recipe's learning rate (5e-4)
+        "--train.epochs=14",  # the recipe's learning rate (5e-4)
         "--eval.every=0",
         *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train = [r for r in metrics_rows(tmp_path / "nft") if "train/loss" in r]
-    assert len(train) == 10
+    assert len(train) == 14
     strict = [r["reward/shapes/strict_mean"] for r in train]
     n = 3 * 64
     first, last = sum(strict[:3]) / 3, sum(strict[-3:]) / 3

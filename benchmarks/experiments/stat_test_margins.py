@@ -1,7 +1,7 @@
 """The margin of the issue's statistical test on the committed base, for several seeds.
 
 `tests/test_shapes_rl.py::test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_se`
-runs the default recipe for 10 epochs on four training prompts with reward spread and asks the
+runs the default recipe for 14 epochs on four training prompts with reward spread and asks the
 rollouts' strict rate (first 3 vs last 3 epochs, 192 images each) to rise by more than 3 binomial
 standard errors. The test runs one seed; this script runs the same command for each seed given
 and prints the rise in standard errors, so a change of the base or the recipe can be checked
@@ -33,7 +33,7 @@ def margin(work: Path, seed: int, extra: list[str]) -> tuple[list[float], float]
     subprocess.run(
         [sys.executable, "-m", "flowpo.cli", "train", f"--logging.run_dir={work}",
          f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={prompts}",
-         "--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=10",
+         "--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=14",
          "--eval.every=0", "--eval.at_start=false", "--eval.at_end=false", f"--train.seed={seed}",
          *extra],
         cwd=ROOT, check=True,
