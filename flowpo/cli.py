@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "--staged",
         action="store_true",
         help="run the committed base's staged recipe (seven stages in OUT_DIR/stage1..7, the "
-        "final model in OUT_DIR; about 2.4 h with two threads on an idle 2-core host); its "
+        "final model in OUT_DIR; about 2.6 h with two threads on an idle 2-core host); its "
         "settings are fixed, `--resume OUT_DIR` continues it",
     )
     p2.add_argument(
