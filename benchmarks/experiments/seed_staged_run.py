@@ -20,15 +20,12 @@ from pathlib import Path
 
 from flowpo.tasks.shapes.pretrain import (
     BASE_STAGES,
-    FOCUS_TAGS,
     STAGES_FILE,
     STATE_FILE,
     SUMMARY_FILE,
     stage_json,
+    stage_mismatches,
 )
-
-_SETTINGS = ("steps", "lr", "contrast_weight", "contrast_batch", "focus_tags", "caption_noise")
-_DEFAULTS = {"focus_tags": list(FOCUS_TAGS)}  # recorded in a summary only where they differ
 
 
 def main() -> None:
@@ -43,14 +40,13 @@ def main() -> None:
     stages = json.loads((base / SUMMARY_FILE).read_text()).get("stages")
     if not stages or len(stages) != a.done:
         raise SystemExit(f"{base}/{SUMMARY_FILE}: lists {len(stages or [])} stages, not {a.done}")
-    recipe = stage_json(BASE_STAGES)
-    for i, (done, want) in enumerate(zip(stages, recipe), 1):
-        for k in _SETTINGS:  # the settings a stage summary records, compared as saved
-            got = done.get(k, _DEFAULTS.get(k))
-            if k in want and json.dumps(got) != json.dumps(want[k]):
-                raise SystemExit(f"stage {i}: {k} {got} in {base}, {want[k]} in BASE_STAGES")
+    wrong = stage_mismatches(stages, BASE_STAGES[: a.done])
+    if wrong:
+        raise SystemExit(f"{base} was not made by the first {a.done} stages: {'; '.join(wrong)}")
     out.mkdir(parents=True)
-    (out / STAGES_FILE).write_text(json.dumps({"stages": recipe, "compile": True}, indent=1))
+    (out / STAGES_FILE).write_text(
+        json.dumps({"stages": stage_json(BASE_STAGES), "compile": True}, indent=1)
+    )
     for i, summary in enumerate(stages, 1):
         sdir = out / f"stage{i}"
         if i == a.done:

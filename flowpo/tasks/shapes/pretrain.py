@@ -743,6 +743,30 @@ def stage_json(stages) -> list[dict[str, Any]]:
     return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()} for s in stages]
 
 
+# the stage settings a stage's summary records and that `stage_mismatches` compares
+_COMPARED = ("steps", "lr", "contrast_weight", "contrast_batch", "focus_tags", "caption_noise")
+
+
+def stage_mismatches(made: list[dict[str, Any]], stages=BASE_STAGES) -> list[str]:
+    """How the per-stage summaries `made` (a staged run's `pretrain_summary.json` "stages") differ
+    from the recipe `stages`: one line per differing setting, or per missing or extra stage."""
+    recipe = stage_json(stages)
+    out = (
+        [f"{len(made)} stages made, {len(recipe)} in the recipe"]
+        if len(made) != len(recipe)
+        else []
+    )
+    for i, (done, want) in enumerate(zip(made, recipe), 1):
+        for key in _COMPARED:
+            if key not in want:
+                continue
+            # focus_tags is recorded only where it differs from the default
+            got = done.get(key, list(FOCUS_TAGS) if key == "focus_tags" else None)
+            if got != want[key]:
+                out.append(f"stage {i}: {key} {got} made, {want[key]} in the recipe")
+    return out
+
+
 def is_staged(out_dir) -> bool:
     """Whether out_dir holds a staged pretraining run (`pretrain_staged`)."""
     return (Path(out_dir) / STAGES_FILE).is_file()
