@@ -523,11 +523,17 @@ def _two_rank_cases(items, out: Path, models: Path, tiny_cache: str, zero3: str)
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The tests that read the 2-rank launch run last (in their order), so that the launch,
-    started with the session, runs beside every other test before anything waits for it."""
-    marked = [item for item in items if item.get_closest_marker("two_rank")]
-    if marked:
-        items[:] = [item for item in items if not item.get_closest_marker("two_rank")] + marked
+    """The tests of minutes (marked `heavy`) run first, so that under xdist the worker that
+    draws one is not the last to finish; the tests that read the 2-rank launch run last (in
+    their order), so that the launch, started with the session, runs beside every other test
+    before anything waits for it."""
+
+    def rank(item) -> int:
+        if item.get_closest_marker("heavy"):
+            return 0
+        return 2 if item.get_closest_marker("two_rank") else 1
+
+    items.sort(key=rank)  # stable: the collection order within each group
 
 
 def _die_with_parent() -> None:

@@ -96,6 +96,7 @@ FOUR_WITH_SPREAD = [
 ]  # fmt: skip
 
 
+@pytest.mark.heavy
 def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_se(tmp_path):
     """The issue's check: a short run on the shapes reward from the committed base; strict
     accuracy of the rollouts (the shapes reward's GenEval-rule pass rate, CFG-free ODE samples of
