@@ -16,29 +16,30 @@ noise decides where the shapes go) fixes only some and leaves the rest where the
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from flowpo.rewards.geneval_rules import score
-from flowpo.tasks.shapes.detect import detect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from phrasing_transfer import detections  # noqa: E402  (reads a `flowpo eval --save-images` folder)
 
 
-def judge(out: Path) -> dict[tuple[str, str, str], tuple[bool, bool]]:
-    """(phrasing, prompt folder, image) -> (strict pass, both asked shapes found)."""
+def judge(out: Path) -> dict[tuple[str, str, int], tuple[bool, bool]]:
+    """(phrasing, prompt, seed index) -> (strict pass, both asked shapes found)."""
     res = {}
     for phrasing in ("heldout", "train"):
-        for folder in sorted((out / phrasing).glob("0*")):
-            meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+        if not (out / phrasing).is_dir():
+            continue
+        for prompt, (meta, found) in detections(out / phrasing).items():
             asked = [m["class"] for m in meta["include"]]
-            for png in sorted((folder / "samples").glob("*.png")):
-                dets = detect(np.asarray(Image.open(png).convert("RGB")))
-                found = {d.shape for d in dets}
-                res[(phrasing, folder.name, png.name)] = (
+            for i, dets in enumerate(found):
+                shapes = {d.shape for d in dets}
+                res[(phrasing, prompt, i)] = (
                     bool(score(dets, meta)[0]),
-                    all(a in found for a in asked),
+                    all(a in shapes for a in asked),
                 )
     if not res:
         raise SystemExit(f"no saved images under {out}: run `phrasing_transfer.py run` first")
