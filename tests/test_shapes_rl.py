@@ -132,53 +132,66 @@ def test_nft_on_the_shapes_reward_raises_rollout_strict_accuracy_by_more_than_3_
     assert last - first > 3 * se, f"strict rate per epoch {strict}: rise not > 3 SE ({se:.3f})"
 
 
+# The Flow-GRPO check (test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors):
+# its prompts, its command's arguments and its measure, shared with
+# benchmarks/experiments/stat_test_margins.py (--test jpeg), which runs it for several seeds.
+JPEG_PROMPTS = [
+    {"tag": "counting", "prompt": "a photo of four circles",
+     "include": [{"class": "circle", "count": 4}], "exclude": [{"class": "circle", "count": 5}]},
+    {"tag": "colors", "prompt": "a photo of a blue circle",
+     "include": [{"class": "circle", "count": 1, "color": "blue"}]},
+    {"tag": "color_attr", "prompt": "a photo of a red circle and a green square",
+     "include": [{"class": "circle", "count": 1, "color": "red"},
+                 {"class": "square", "count": 1, "color": "green"}]},
+    {"tag": "position", "prompt": "a photo of a circle right of a square",
+     "include": [{"class": "square", "count": 1},
+                 {"class": "circle", "count": 1, "position": ["right of", 0]}]},
+]  # fmt: skip
+
+JPEG_ARGS = [
+    "-c",
+    "configs/shapes.yaml",  # Flow-GRPO on the shapes world (the default job is DiffusionNFT)
+    "--rollout.plan=window",  # the layout this check was calibrated on (default: full, CFG)
+    "--sampling.guidance_scale=1",
+    "--rollout.batch_size=16",
+    "--rollout.num_batches=2",
+    # 20 epochs on the first placing base: 8.2 SE (seeds 1 and 2: 10.8 and 5.5; passes on
+    # the committed one, margin not recorded); 12, the
+    # calibration on the 4000-step base, gives 2.9 SE here (16: 5.4, 7.5 and 2.7)
+    "--train.epochs=20",
+    "--eval.every=0",
+    "--eval.num_prompts=4",
+    "--eval.seeds=0",
+    "--reward.weights={jpeg_incompressibility: 1.0}",
+    "--reward.options={}",  # the recipe's shapes options go with its shapes reward
+]
+
+
+def jpeg_rise(rows: list[dict]) -> tuple[float, float]:
+    """(rise, its standard error) of the mean training reward: the first epoch against the last
+    3 pooled (96 images), with the last epochs' within-epoch variance plus the spread of their
+    means."""
+    train = [r for r in rows if "train/loss" in r]
+    n = 32  # images per epoch
+    first, last = train[0], train[-3:]
+    m1 = sum(r["reward_mean"] for r in last) / 3
+    v1 = sum(r["reward_std"] ** 2 + (r["reward_mean"] - m1) ** 2 for r in last) / 3
+    se = math.sqrt(first["reward_std"] ** 2 / n + v1 / (3 * n))
+    return m1 - first["reward_mean"], se
+
+
 def test_short_rl_run_raises_training_reward_by_more_than_3_standard_errors(tmp_path):
     prompts = tmp_path / "four.jsonl"
-    lines = [
-        {"tag": "counting", "prompt": "a photo of four circles",
-         "include": [{"class": "circle", "count": 4}], "exclude": [{"class": "circle", "count": 5}]},
-        {"tag": "colors", "prompt": "a photo of a blue circle",
-         "include": [{"class": "circle", "count": 1, "color": "blue"}]},
-        {"tag": "color_attr", "prompt": "a photo of a red circle and a green square",
-         "include": [{"class": "circle", "count": 1, "color": "red"},
-                     {"class": "square", "count": 1, "color": "green"}]},
-        {"tag": "position", "prompt": "a photo of a circle right of a square",
-         "include": [{"class": "square", "count": 1},
-                     {"class": "circle", "count": 1, "position": ["right of", 0]}]},
-    ]  # fmt: skip
-    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in JPEG_PROMPTS))
     proc = flowpo_main(
         "train",
-        "-c",
-        "configs/shapes.yaml",  # Flow-GRPO on the shapes world (the default job is DiffusionNFT)
         f"--logging.run_dir={tmp_path}",
         "--logging.run_name=stat",
         "--logging.wandb=off",
         f"--rollout.prompt_file={prompts}",
-        "--rollout.plan=window",  # the layout this check was calibrated on (default: full, CFG)
-        "--sampling.guidance_scale=1",
-        "--rollout.batch_size=16",
-        "--rollout.num_batches=2",
-        # 20 epochs on the first placing base: 8.2 SE (seeds 1 and 2: 10.8 and 5.5; passes on
-        # the committed one, margin not recorded); 12, the
-        # calibration on the 4000-step base, gives 2.9 SE here (16: 5.4, 7.5 and 2.7)
-        "--train.epochs=20",
-        "--eval.every=0",
-        "--eval.num_prompts=4",
-        "--eval.seeds=0",
-        "--reward.weights={jpeg_incompressibility: 1.0}",
-        "--reward.options={}",  # the recipe's shapes options go with its shapes reward
+        *JPEG_ARGS,
         *NO_EVAL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = metrics_rows(tmp_path / "stat")
-    train = [r for r in rows if "train/loss" in r]
-    n = 32  # images per epoch
-    first = train[0]
-    last = train[-3:]  # the last 3 epochs, pooled (96 images)
-    m1 = sum(r["reward_mean"] for r in last) / 3
-    # pooled variance of the last epochs: within-epoch variance + spread of the epoch means
-    v1 = sum(r["reward_std"] ** 2 + (r["reward_mean"] - m1) ** 2 for r in last) / 3
-    se = math.sqrt(first["reward_std"] ** 2 / n + v1 / (3 * n))
-    rise = m1 - first["reward_mean"]
+    rise, se = jpeg_rise(metrics_rows(tmp_path / "stat"))
     assert rise > 3 * se, f"rise {rise:.4f} is not > 3 SE ({3 * se:.4f})"
