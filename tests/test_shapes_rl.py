@@ -155,9 +155,9 @@ JPEG_ARGS = [
     "--sampling.guidance_scale=1",
     "--rollout.batch_size=16",
     "--rollout.num_batches=2",
-    # 20 epochs on the first placing base: 8.2 SE (seeds 1 and 2: 10.8 and 5.5; passes on
-    # the committed one, margin not recorded); 12, the
-    # calibration on the 4000-step base, gives 2.9 SE here (16: 5.4, 7.5 and 2.7)
+    # 20 epochs: on the committed (binding) base 9.5 SE (train.seed 1 and 2: 15.8 and 11.7;
+    # stat_test_margins.py --test jpeg); on the first placing base 8.2 SE (10.8, 5.5); 12, the
+    # calibration on the 4000-step base, gave 2.9 SE there (16: 5.4, 7.5 and 2.7)
     "--train.epochs=20",
     "--eval.every=0",
     "--eval.num_prompts=4",
