@@ -514,6 +514,45 @@ def test_run_summary_reports_the_training_reward_first_vs_last_epochs(tmp_path, 
     assert reward_trend([(0.3, 0.1)]) == {}
 
 
+def test_reward_decline_flags_a_fall_from_the_best_window_and_not_noise_or_a_rise():
+    """The trainer's warning for a policy that unlearns: the last 5 epochs' mean reward against
+    the best earlier 5-epoch mean, in standard errors of the difference (4 by default)."""
+    from flowpo.trainer.summary import reward_decline
+
+    wiggle = [0.01 * (-1) ** i for i in range(40)]  # epoch-to-epoch noise, SD 0.01
+    rise = [(0.5 + 0.01 * i + w, 0.1) for i, w in enumerate(wiggle)]
+    assert reward_decline(rise) is None
+    flat = [(0.7 + w, 0.1) for w in wiggle]
+    assert reward_decline(flat) is None
+    peak = [(min(0.5 + 0.02 * i, 1.3 - 0.02 * i) + w, 0.1) for i, w in enumerate(wiggle)]
+    d = reward_decline(peak)
+    assert d is not None and d["best"] > d["last"] + 0.3 and d["drop_se"] > 4
+    assert 14 <= d["best_first_epoch"] <= 18  # the window around the peak at epoch 20
+    assert reward_decline(peak[:9]) is None  # fewer than 2 windows of 5
+    small = [(0.7 + w - (0.01 if i >= 35 else 0.0), 0.1) for i, w in enumerate(wiggle)]
+    assert reward_decline(small) is None  # a fall within the noise is not flagged
+
+
+def test_trainer_warns_once_per_10_epochs_when_the_training_reward_falls(capsys):
+    """GRPOTrainer._log_epoch prints the decline warning (the epoch line's own fields given)."""
+    from types import SimpleNamespace
+
+    from flowpo.trainer.grpo import GRPOTrainer
+
+    logged = []
+    fake = SimpleNamespace(
+        history={}, rank=0, logger=SimpleNamespace(log=lambda m, step: logged.append(step))
+    )
+    metrics = {"train/loss": 0.1, "time/epoch_s": 1.0}
+    for epoch in range(40):
+        r = min(0.5 + 0.02 * epoch, 1.3 - 0.02 * epoch) + 0.01 * (-1) ** epoch
+        GRPOTrainer._log_epoch(fake, epoch, metrics, {"reward_mean": r, "reward_std": 0.1})
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "training reward fell" in line]
+    assert logged == list(range(40)) and 2 <= len(warnings) <= 3
+    assert "the policy may be unlearning its task" in warnings[0]
+
+
 def test_exact_counts_closes_the_at_least_loophole_in_partial_credit_only():
     """GenEval passes "a photo of a circle" on two circles and a square; with exact_counts the
     training score loses a point for the extra circle and one for the unnamed square, while

@@ -43,7 +43,7 @@ from flowpo.trainer.preflight import preflight
 from flowpo.trainer.rollout import Rollout, build_plan, rollout_sigmas
 from flowpo.trainer.signals import StopSignals, TrainingInterrupted
 from flowpo.trainer.startup import check_reward_services_on_every_rank, check_same_config
-from flowpo.trainer.summary import eval_numbers, finish_run
+from flowpo.trainer.summary import eval_numbers, finish_run, reward_decline
 from flowpo.trainer.tracking import METRICS_FILE, RunLogger, print0, progress, resolve_run_dir
 
 __all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
@@ -492,6 +492,20 @@ class GRPOTrainer:
                 "their advantages are 0 and this epoch teaches nothing; the reward cannot tell "
                 "this policy's samples apart (a denser reward, more samples per group, or more "
                 "sampling noise help)",
+                rank=self.rank,
+            )
+        # a policy that unlearns its task: the reward falls from its best 5-epoch mean (warned at
+        # most every 10 epochs while it lasts)
+        decline = reward_decline(self.history["train_reward"])
+        if decline and epoch - getattr(self, "_decline_warned", -(10**9)) >= 10:
+            self._decline_warned = epoch
+            first = decline["best_first_epoch"]
+            print0(
+                f"warning: epoch {epoch}: the training reward fell from {decline['best']:.4f} "
+                f"(mean of epochs {first}-{first + 4}) to {decline['last']:.4f} (the last 5), "
+                f"{decline['drop_se']:.1f} standard errors: the policy may be unlearning its task. "
+                "Checkpoints from before the drop keep the better policy; fewer epochs, a lower "
+                "learning rate or a larger train.beta (KL to the base) hold it back",
                 rank=self.rank,
             )
 

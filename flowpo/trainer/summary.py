@@ -40,6 +40,37 @@ def reward_trend(per_epoch: list, k: int = 5) -> dict:
     }
 
 
+def reward_decline(per_epoch: list, k: int = 5, threshold: float = 4.0) -> dict | None:
+    """Whether the training reward has fallen from its best: the mean of the last k per-epoch
+    reward means against the best mean of any earlier k consecutive epochs (not overlapping the
+    last k), in standard errors of their difference (each window's std over its epochs / sqrt
+    k). Returns {best_first_epoch, best, last, drop_se} when the drop exceeds `threshold` SE,
+    else None (also for runs shorter than 2k epochs). per_epoch: (mean, std) per epoch.
+
+    A policy that unlearns its task shows here before its evaluations do (they use the EMA
+    weights and come every eval.every epochs): on the shapes world, 120 epochs of the long
+    recipe lose their drawing after the reward's peak near epoch 20 (docs/results.md, "The
+    binding base"). The best window is the maximum over many, so its SE understates the
+    chance of a false alarm; hence 4 SE by default (on the runs of that section it flags the
+    long recipe's declines and none of the default job's runs)."""
+    means = [float(e[0]) for e in per_epoch]
+    if k < 2 or len(means) < 2 * k:
+        return None
+
+    def window(i: int) -> tuple[float, float]:
+        xs = means[i : i + k]
+        return statistics.fmean(xs), statistics.stdev(xs)
+
+    last, last_sd = window(len(means) - k)
+    best_i = max(range(len(means) - 2 * k + 1), key=lambda i: window(i)[0])
+    best, best_sd = window(best_i)
+    se = ((best_sd**2 + last_sd**2) / k) ** 0.5
+    drop = best - last
+    if drop <= 0 or drop <= threshold * max(se, 1e-12):
+        return None
+    return {"best_first_epoch": best_i, "best": best, "last": last, "drop_se": drop / se}
+
+
 def finish_run(
     run_dir: Path,
     history: dict,
