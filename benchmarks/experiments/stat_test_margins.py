@@ -35,19 +35,23 @@ from tests.test_shapes_rl import (  # noqa: E402  (the tests' own prompts, argum
 )
 
 
-def margin(work: Path, seed: int, extra: list[str]) -> tuple[list[float], float]:
-    prompts = work / "four.jsonl"
-    prompts.write_text("".join(json.dumps(x) + "\n" for x in FOUR_WITH_SPREAD))
-    name = f"nft_seed{seed}"
+def run_test(work: Path, name: str, prompts: list[dict], args: list[str]) -> list[dict]:
+    """`flowpo train` on the given prompts with a test's arguments; its metrics rows."""
+    path = work / f"{name}_prompts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in prompts))
     subprocess.run(
         [sys.executable, "-m", "flowpo.cli", "train", f"--logging.run_dir={work}",
-         f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={prompts}",
-         "--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=14",
-         "--eval.every=0", "--eval.at_start=false", "--eval.at_end=false", f"--train.seed={seed}",
-         *extra],
+         f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={path}",
+         *args],
         cwd=ROOT, check=True,
     )  # fmt: skip
-    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def margin(work: Path, seed: int, extra: list[str]) -> tuple[list[float], float]:
+    args = ["--rollout.batch_size=16", "--rollout.num_batches=4", "--train.epochs=14",
+            "--eval.every=0", *NO_EVAL, f"--train.seed={seed}", *extra]  # fmt: skip
+    rows = run_test(work, f"nft_seed{seed}", FOUR_WITH_SPREAD, args)
     strict = [r["reward/shapes/strict_mean"] for r in rows if "train/loss" in r]
     n = 3 * 64
     first, last = sum(strict[:3]) / 3, sum(strict[-3:]) / 3
@@ -56,17 +60,8 @@ def margin(work: Path, seed: int, extra: list[str]) -> tuple[list[float], float]
 
 
 def jpeg_margin(work: Path, seed: int, extra: list[str]) -> tuple[float, float]:
-    prompts = work / "jpeg_four.jsonl"
-    prompts.write_text("".join(json.dumps(x) + "\n" for x in JPEG_PROMPTS))
-    name = f"jpeg_seed{seed}"
-    subprocess.run(
-        [sys.executable, "-m", "flowpo.cli", "train", f"--logging.run_dir={work}",
-         f"--logging.run_name={name}", "--logging.wandb=off", f"--rollout.prompt_file={prompts}",
-         *JPEG_ARGS, *NO_EVAL, f"--train.seed={seed}", *extra],
-        cwd=ROOT, check=True,
-    )  # fmt: skip
-    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
-    return jpeg_rise(rows)
+    args = [*JPEG_ARGS, *NO_EVAL, f"--train.seed={seed}", *extra]
+    return jpeg_rise(run_test(work, f"jpeg_seed{seed}", JPEG_PROMPTS, args))
 
 
 def main() -> None:
