@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import sys
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_bases import copy_base  # noqa: E402  (the same copy of a model directory)
 
 
 def fuse(weights: dict, lora: dict, scale: float) -> dict:
@@ -44,14 +47,11 @@ def main() -> None:
     ap.add_argument("lora_dir", type=Path)
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists; choose a new OUT")
     path = args.lora_dir / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
-    ignore = shutil.ignore_patterns("pretrain_state.pt", "snapshots", "*.png", "*.log")
-    shutil.copytree(args.base, args.out, ignore=ignore)
+    copy_base(args.base, args.out)
     files = sorted((args.base / "transformer").glob("*.safetensors"))
     if len(files) != 1:
         raise SystemExit(f"{args.base}/transformer: expected one safetensors file, got {files}")

@@ -41,6 +41,15 @@ def merge_state(a: dict, b: dict, alpha: float) -> dict:
     return out
 
 
+def copy_base(src: Path, out: Path) -> None:
+    """A copy of the model directory `src` at `out` (a new path), without pretraining state,
+    snapshots, pictures or logs: the weights and configs a pipeline loads."""
+    if out.exists():
+        raise SystemExit(f"{out} exists; choose a new OUT")
+    ignore = shutil.ignore_patterns("pretrain_state.pt", "snapshots", "*.png", "*.log")
+    shutil.copytree(src, out, ignore=ignore)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("base_a", type=Path)
@@ -49,10 +58,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--only", nargs="+", choices=COMPONENTS, default=list(COMPONENTS))
     args = ap.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists; choose a new OUT")
-    ignore = shutil.ignore_patterns("pretrain_state.pt", "snapshots", "*.png", "*.log")
-    shutil.copytree(args.base_a, args.out, ignore=ignore)
+    copy_base(args.base_a, args.out)
     for comp in args.only:
         files = sorted((args.base_a / comp).glob("*.safetensors"))
         if not files:
