@@ -184,6 +184,17 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
+    anchor_weight: float = 0.0
+    """Drawing anchor: weight of a flow-matching loss on clean images of the task's own world,
+    added to every training loss beside the RL loss, so the policy keeps drawing as its base
+    did while the reward moves it (docs/algorithms.md, "The drawing anchor"). 0 = off. Needs
+    a pixel-space shapes-world model (its scenes are the images)."""
+    anchor_batch: int = 8
+    """Images of the anchor per training loss."""
+    anchor_prompts: str = "empty"
+    """empty: the anchor's images are denoised unconditionally (no caption: it teaches how the
+    world looks, not which words go with it) | captions: under their pretraining captions, with
+    the base's caption noise (the base's own objective, "ptx")."""
 
 
 @dataclass
@@ -351,6 +362,7 @@ _CHOICES = {
     ("rollout", "window_placement"): ("random", "progressive", "fixed"),
     ("train", "algorithm"): ("grpo", "nft", "awm"),
     ("train", "kl_estimator"): ("flow_grpo", "exact"),
+    ("train", "anchor_prompts"): ("empty", "captions"),
     ("forward", "times"): ("auto", "schedule", "stratified"),
     ("forward", "awm_weighting"): ("uniform", "t", "t2", "huber", "ghuber"),
     ("train", "kernels"): ("auto", "triton", "torch"),
@@ -523,6 +535,10 @@ class Config:
             raise ConfigError("reward.weights is empty; name at least one reward")
         if t.beta < 0:
             raise ConfigError(f"train.beta ({t.beta}) must be >= 0")
+        if t.anchor_weight < 0:
+            raise ConfigError(f"train.anchor_weight ({t.anchor_weight}) must be >= 0 (0 = off)")
+        if t.anchor_batch < 1:
+            raise ConfigError(f"train.anchor_batch ({t.anchor_batch}) must be >= 1")
         if t.ratio_norm and s.cps_legacy_scale:
             raise ConfigError(
                 "train.ratio_norm needs Gaussian log-probs (its closed form is their identity); "

@@ -123,7 +123,12 @@ class GRPOTrainer:
             metadata=metas,
             strata=tag_strata(metas, cfg.rollout.tag_weights, source=cfg.rollout.prompt_file),
         )
-        self._prepare_frozen_parts(prompts)
+        self.anchor = None
+        if cfg.train.anchor_weight > 0:  # train.anchor_*: the drawing anchor beside the RL loss
+            from flowpo.trainer.anchor import DrawingAnchor
+
+            self.anchor = DrawingAnchor(self)
+        self._prepare_frozen_parts(prompts + (self.anchor.prompts() if self.anchor else []))
         self.plan = build_plan(cfg)
         self.algo = build_algorithm(self)  # train.algorithm: the few methods the loop calls
         self.num_trained, self.images_per_sample = self.algo.plan_shape()
@@ -334,8 +339,13 @@ class GRPOTrainer:
             sub, emb = ro.index(idx), data.embeds.index(idx)
             for j in range(ro.num_trained):
                 term = self.algo.loss(sub, j, emb, adv[idx], epoch=epoch, start=start)
+                loss = term.loss
+                if self.anchor is not None:
+                    extra, st = self.anchor.loss(epoch, start, j)
+                    loss = loss + extra
+                    term.stats.update(st)
                 # NaN/inf loss or log-prob: NaN gradients, so every rank skips this step
-                self.engine.backward(self.guard.check(term.loss, term.log_probs))
+                self.engine.backward(self.guard.check(loss, term.log_probs))
                 code = self.engine.step(self.guard.window)
                 self.guard.after_step(code, epoch)  # raises after too many skips in a row
                 self.ema.after_step()

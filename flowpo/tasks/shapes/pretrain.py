@@ -51,6 +51,7 @@ treats such a model as pixel space (latents are images in [-1, 1]).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -184,6 +185,30 @@ def _images(
         matched += [sc is m for sc, m in zip(scenes, metas)]
     arr = np.stack([render(m, rng.randrange(1 << 30)) for m in scenes])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def training_scenes(
+    n: int, rng: random.Random, *, captions: bool, noise: dict[str, float] | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """n freshly rendered scenes of the training split drawn as pretraining draws them (tags
+    uniformly, then a prompt of the tag; a noisy caption's scene mis-describes it, `noise`
+    defaulting to CAPTION_NOISE): ((n, 3, SIZE, SIZE) in [-1, 1], their captions, or n empty
+    strings with captions=False). The RL trainer's drawing anchor (trainer/anchor.py) uses it."""
+    by_tag = _train_by_tag()
+    metas = [rng.choice(by_tag[rng.choice(TAGS)]) for _ in range(n)]
+    images = _images(metas, rng, CAPTION_NOISE if noise is None else noise)
+    return images, [m["prompt"] if captions else "" for m in metas]
+
+
+def training_captions() -> list[str]:
+    """Every caption `training_scenes` can return (the training split's prompts)."""
+    return [m["prompt"] for ms in _train_by_tag().values() for m in ms]
+
+
+@functools.cache
+def _train_by_tag() -> dict[str, list[dict]]:
+    train = splits()["train"]
+    return {t: [m for m in train if m["tag"] == t] for t in TAGS}
 
 
 def encode_prompts(pipe, prompts: list[str]):
