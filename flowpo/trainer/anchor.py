@@ -53,18 +53,29 @@ class DrawingAnchor:
         """The prompts the anchor encodes (for the trainer's embedding cache)."""
         return self._captions() if self.captions else [""]
 
-    def loss(self, epoch: int, start: int, j: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def draw(self, epoch: int, start: int, j: int) -> tuple[Tensor, list[str], Tensor, Tensor]:
+        """(clean images x0, prompts, noise, times) of the anchor of training loss (start, j)
+        of `epoch` on this rank: the same for the same (seed, epoch, start, j, rank)."""
         tr = self.trainer
         gen = tr._generator(epoch, 29, tr.rank, start, j)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        adapter = tr.adapter
         x0, prompts = self._scenes(self.batch, rng, captions=self.captions)
         x0 = x0.to(tr.device)
         eps = torch.randn(x0.shape, generator=gen, device=tr.device)
         sigma = torch.rand(self.batch, generator=gen, device=tr.device)
-        s = sigma.view(-1, 1, 1, 1)
+        return x0, prompts, eps, sigma
+
+    def flow_matching_loss(self, x0: Tensor, prompts: list[str], eps: Tensor, sigma: Tensor):
+        """mean((v(x_sigma) - (eps - x0))^2), x_sigma = (1 - sigma) x0 + sigma eps: the
+        rectified-flow loss the base was pretrained with, through the policy."""
+        adapter = self.trainer.adapter
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         with adapter.guidance(1.0):  # the model's own velocity, no CFG combination
             embeds = adapter.encode_prompts(prompts)
             v = adapter.velocity((1 - s) * x0 + s * eps, sigma, embeds)
-        fm = ((v - (eps - x0)) ** 2).mean()
+        return ((v - (eps - x0)) ** 2).mean()
+
+    def loss(self, epoch: int, start: int, j: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """anchor_weight x the flow-matching loss of this training loss's draw, and its stats."""
+        fm = self.flow_matching_loss(*self.draw(epoch, start, j))
         return self.weight * fm, {"anchor_loss": fm.detach()}
