@@ -207,6 +207,12 @@ class ForwardConfig:
     published (GenEval, PickScore), 0.1 for OCR and the multi-reward run."""
     adaptive_weighting: bool = True
     """nft: the paper's self-normalised x0-space loss weight; false = plain velocity MSE."""
+    nft_positive_only: bool = False
+    """nft: clip the optimality probability r to [1/2, 1], so samples below their group's mean
+    are not pushed away from (their loss only holds the policy at the old one) and the update
+    learns from the better samples alone, as reward-weighted fine-tuning does. An experiment
+    against the drift of long runs (docs/results.md, "Without the negative branch"); the paper
+    uses both branches (false)."""
     old_decay_rate: float = 0.001
     """Old-policy (EMA) decay eta = min(rate * max(n - delay, 0), max), n = optimizer steps;
     old <- eta old + (1 - eta) theta after every epoch."""

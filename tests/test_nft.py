@@ -160,6 +160,27 @@ def test_optimality_probability_is_the_clipped_normalised_advantage():
     adv = torch.tensor([-7.0, -5.0, -2.5, 0.0, 1.0, 5.0, 9.0])
     r = optimality_probability(adv, adv_clip_max=5.0)
     assert torch.equal(r, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.6, 1.0, 1.0]))
+    # forward.nft_positive_only: the samples below their group's mean get r = 1/2
+    pos = optimality_probability(adv, adv_clip_max=5.0, positive_only=True)
+    assert torch.equal(pos, torch.tensor([0.5, 0.5, 0.5, 0.5, 0.6, 1.0, 1.0]))
+
+
+def test_nft_positive_only_gives_below_mean_samples_no_gradient_at_the_old_policy():
+    """With r clipped to 1/2 a below-mean sample's loss has zero gradient at v_theta = v_old
+    (§7 invariant 1), so it is not pushed away from; an above-mean sample's is unchanged."""
+    x0, noise, t, v_old, _ = _batch(5, b=4)
+    adv = torch.tensor([-3.0, -0.5, 0.5, 3.0])
+    for positive_only in (False, True):
+        v = v_old.clone().requires_grad_(True)
+        r = optimality_probability(adv, 5.0, positive_only=positive_only)
+        loss, _ = nft_loss(v, v_old, x0, noise, t, r, beta=1.0, adaptive=True, scale=5.0)
+        loss.backward()
+        per_sample = v.grad.flatten(1).abs().amax(1)
+        if positive_only:
+            assert per_sample[:2].max() == 0.0
+        else:
+            assert per_sample[:2].min() > 0.0
+        assert per_sample[2:].min() > 0.0
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "t", "t2", "huber", "ghuber"])

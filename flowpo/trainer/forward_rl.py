@@ -33,10 +33,12 @@ def _mean_d(x: Tensor) -> Tensor:
     return x.flatten(1).mean(1)
 
 
-def optimality_probability(adv: Tensor, adv_clip_max: float) -> Tensor:
+def optimality_probability(adv: Tensor, adv_clip_max: float, positive_only: bool = False) -> Tensor:
     """§7 (1): r = 1/2 + 1/2 clip(A / c, -1, 1) in [0, 1], c = train.adv_clip_max; A is the
-    group-normalised advantage of §3, so the paper's normaliser Z_c is c x the reward std."""
-    return (0.5 + 0.5 * (adv / adv_clip_max).clamp(-1.0, 1.0)).clamp(0.0, 1.0)
+    group-normalised advantage of §3, so the paper's normaliser Z_c is c x the reward std.
+    positive_only (forward.nft_positive_only): r clipped to [1/2, 1], no negative branch."""
+    lo = 0.0 if positive_only else -1.0
+    return (0.5 + 0.5 * (adv / adv_clip_max).clamp(lo, 1.0)).clamp(0.0, 1.0)
 
 
 def nft_loss(
@@ -357,7 +359,9 @@ class NFT(_ForwardRL):
     def loss(self, sub, j, embeds, adv, *, epoch, start) -> StepLoss:
         c = self.cfg.train.adv_clip_max
         x0, eps, t, v, v_old, v_ref = self._velocities(sub, j, embeds, epoch, start, old=True)
-        r = optimality_probability(adv[:, 0].to(v.device).float(), c)
+        r = optimality_probability(
+            adv[:, 0].to(v.device).float(), c, positive_only=self.cfg.forward.nft_positive_only
+        )
         loss, stats = nft_loss(
             v, v_old, x0, eps, t, r, beta=self.cfg.forward.nft_beta,
             adaptive=self.cfg.forward.adaptive_weighting, scale=c,
