@@ -23,6 +23,7 @@ from flowpo.tasks.shapes.pretrain import (
 )
 from flowpo.tasks.shapes.world import SIZE, splits
 from flowpo.trainer.anchor import DrawingAnchor
+from flowpo.trainer.grpo import keyed_generator
 from flowpo.trainer.preflight import preflight
 from tests.conftest import flowpo_main, train_rows
 
@@ -48,14 +49,12 @@ def _anchor(adapter, prompts="empty", weight=2.0, seed=0):
         model=SimpleNamespace(path="shapes:base"),
     )
 
-    def generator(*keys):  # the trainer's keyed generator, with this seed
-        s = seed
-        for k in keys:
-            s = (s * 1_000_003 + k + 7) % (2**61 - 1)
-        return torch.Generator().manual_seed(s)
-
     trainer = SimpleNamespace(
-        cfg=cfg, adapter=adapter, rank=0, device=torch.device("cpu"), _generator=generator
+        cfg=cfg,
+        adapter=adapter,
+        rank=0,
+        device=torch.device("cpu"),
+        _generator=lambda *keys: keyed_generator(seed, *keys),  # the trainer's, with this seed
     )
     return DrawingAnchor(trainer)
 

@@ -541,7 +541,10 @@ def test_trainer_warns_once_per_10_epochs_when_the_training_reward_falls(capsys)
 
     logged = []
     fake = SimpleNamespace(
-        history={}, rank=0, logger=SimpleNamespace(log=lambda m, step: logged.append(step))
+        history={},
+        rank=0,
+        logger=SimpleNamespace(log=lambda m, step: logged.append(step)),
+        _decline_warned=-(10**9),  # as GRPOTrainer.__init__ sets it
     )
     metrics = {"train/loss": 0.1, "time/epoch_s": 1.0}
     for epoch in range(40):

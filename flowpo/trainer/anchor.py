@@ -24,15 +24,14 @@ import torch
 from torch import Tensor
 
 from flowpo.config import ConfigError
+from flowpo.tasks.shapes.pretrain import training_captions, training_scenes
+from flowpo.tasks.shapes.world import SIZE
 
 
 class DrawingAnchor:
     """loss(epoch, start, j) -> (weighted loss, stats) for one training loss of the update."""
 
     def __init__(self, trainer):
-        from flowpo.tasks.shapes.pretrain import training_captions, training_scenes
-        from flowpo.tasks.shapes.world import SIZE
-
         self.trainer = trainer
         t = trainer.cfg.train
         self.weight, self.batch = float(t.anchor_weight), int(t.anchor_batch)
@@ -46,12 +45,10 @@ class DrawingAnchor:
                 "model.path=shapes:base (or a directory made by `flowpo pretrain-shapes`), or "
                 "set train.anchor_weight=0"
             )
-        self._scenes = training_scenes
-        self._captions = training_captions
 
     def prompts(self) -> list[str]:
         """The prompts the anchor encodes (for the trainer's embedding cache)."""
-        return self._captions() if self.captions else [""]
+        return training_captions() if self.captions else [""]
 
     def draw(self, epoch: int, start: int, j: int) -> tuple[Tensor, list[str], Tensor, Tensor]:
         """(clean images x0, prompts, noise, times) of the anchor of training loss (start, j)
@@ -59,7 +56,7 @@ class DrawingAnchor:
         tr = self.trainer
         gen = tr._generator(epoch, 29, tr.rank, start, j)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        x0, prompts = self._scenes(self.batch, rng, captions=self.captions)
+        x0, prompts = training_scenes(self.batch, rng, captions=self.captions)
         x0 = x0.to(tr.device)
         eps = torch.randn(x0.shape, generator=gen, device=tr.device)
         sigma = torch.rand(self.batch, generator=gen, device=tr.device)

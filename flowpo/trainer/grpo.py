@@ -46,7 +46,15 @@ from flowpo.trainer.startup import check_reward_services_on_every_rank, check_sa
 from flowpo.trainer.summary import eval_numbers, finish_run, reward_decline
 from flowpo.trainer.tracking import METRICS_FILE, RunLogger, print0, progress, resolve_run_dir
 
-__all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted"]
+__all__ = ["EpochData", "GRPOTrainer", "TrainingInterrupted", "keyed_generator"]
+
+
+def keyed_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by a deterministic mix of (seed, keys...), e.g. (run seed, epoch,
+    rank, ...): every rank, rerun and resumed run derives the same one for the same keys."""
+    for k in keys:
+        seed = (seed * 1_000_003 + k + 7) % (2**61 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass
@@ -123,6 +131,7 @@ class GRPOTrainer:
             metadata=metas,
             strata=tag_strata(metas, cfg.rollout.tag_weights, source=cfg.rollout.prompt_file),
         )
+        self._decline_warned = -(10**9)  # epoch of the last reward-decline warning
         self.anchor = None
         if cfg.train.anchor_weight > 0:  # train.anchor_*: the drawing anchor beside the RL loss
             from flowpo.trainer.anchor import DrawingAnchor
@@ -199,10 +208,7 @@ class GRPOTrainer:
 
     # -- schedule and plan ------------------------------------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:
-        seed = self.cfg.train.seed
-        for k in keys:  # deterministic mix of (seed, epoch, rank, ...): all ranks agree
-            seed = (seed * 1_000_003 + k + 7) % (2**61 - 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return keyed_generator(self.cfg.train.seed, *keys, device=self.device)
 
     def schedule(self) -> torch.Tensor:
         """(T+1,) sigmas of training rollouts; sets Flow-SDE's sigma_max (used to re-score)."""
@@ -507,7 +513,7 @@ class GRPOTrainer:
         # a policy that unlearns its task: the reward falls from its best 5-epoch mean (warned at
         # most every 10 epochs while it lasts)
         decline = reward_decline(self.history["train_reward"])
-        if decline and epoch - getattr(self, "_decline_warned", -(10**9)) >= 10:
+        if decline and epoch - self._decline_warned >= 10:
             self._decline_warned = epoch
             first = decline["best_first_epoch"]
             print0(

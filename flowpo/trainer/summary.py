@@ -62,8 +62,9 @@ def reward_decline(per_epoch: list, k: int = 5, threshold: float = 4.0) -> dict 
         return statistics.fmean(xs), statistics.stdev(xs)
 
     last, last_sd = window(len(means) - k)
-    best_i = max(range(len(means) - 2 * k + 1), key=lambda i: window(i)[0])
-    best, best_sd = window(best_i)
+    earlier = [window(i) for i in range(len(means) - 2 * k + 1)]
+    best_i = max(range(len(earlier)), key=lambda i: earlier[i][0])
+    best, best_sd = earlier[best_i]
     se = ((best_sd**2 + last_sd**2) / k) ** 0.5
     drop = best - last
     if drop <= 0 or drop <= threshold * max(se, 1e-12):
