@@ -106,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.gain:  # left: accuracy as each run evaluates it; right: change from its start
         fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.2))
     else:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        n_labels = len(dict.fromkeys(labels))
+        fig, ax = plt.subplots(figsize=(6.5 if n_labels <= 6 else 10, 4))
         ax_gain = None
+    if len(dict.fromkeys(labels)) > 10:  # the default cycle repeats after ten colours
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     summary = []
     for label in dict.fromkeys(labels):  # first-seen order
         runs = [r for r in dict.fromkeys(x["run_dir"] for x in table if x["run"] == label)]
@@ -167,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("held-out strict accuracy (overall)")
     ax.set_title("shapes world: accuracy vs wall time (bands: ± 1 SE over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax_gain is None and len(summary) > 6:  # many runs: the legend beside the axes, not on them
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    else:
+        ax.legend()
     if ax_gain is not None:
         ax.set_title("accuracy as each recipe evaluates it (bands: ± 1 SE over seeds)")
         ax_gain.set_xlabel("training wall time, minutes (evaluations excluded)")
