@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    n_labels = len(dict.fromkeys(labels))
     if args.gain:  # left: accuracy as each run evaluates it; right: change from its start
         fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.2))
-    else:
-        n_labels = len(dict.fromkeys(labels))
+    else:  # many runs: wider, the legend beside the axes (below)
         fig, ax = plt.subplots(figsize=(6.5 if n_labels <= 6 else 10, 4))
         ax_gain = None
-    if len(dict.fromkeys(labels)) > 10:  # the default cycle repeats after ten colours
+    if n_labels > 10:  # the default cycle repeats after ten colours
         ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     summary = []
     for label in dict.fromkeys(labels):  # first-seen order
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("held-out strict accuracy (overall)")
     ax.set_title("shapes world: accuracy vs wall time (bands: ± 1 SE over seeds)")
     ax.grid(alpha=0.3)
-    if ax_gain is None and len(summary) > 6:  # many runs: the legend beside the axes, not on them
+    if ax_gain is None and n_labels > 6:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     else:
         ax.legend()
