@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_labels = len(dict.fromkeys(labels))
+    order = list(dict.fromkeys(labels))  # first-seen order
+    n_labels = len(order)
     if args.gain:  # left: accuracy as each run evaluates it; right: change from its start
         fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.2))
     else:  # many runs: wider, the legend beside the axes (below)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_labels > 10:  # the default cycle repeats after ten colours
         ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     summary = []
-    for label in dict.fromkeys(labels):  # first-seen order
+    for label in order:
         runs = [r for r in dict.fromkeys(x["run_dir"] for x in table if x["run"] == label)]
         per_run = [[r for r in table if r["run_dir"] == d] for d in runs]
         n_eval = min(len(rows) for rows in per_run)  # evaluations every run of the label has
